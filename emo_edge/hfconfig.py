@@ -1,0 +1,81 @@
+"""Build `config.json` dicts in the exact upstream layout (allenai/EMO's EmoConfig fields and defaults)."""
+
+from __future__ import annotations
+
+UPSTREAM_AUTO_MAP = {
+    "AutoConfig": "configuration_emo.EmoConfig",
+    "AutoModelForCausalLM": "modeling_emo.EmoForCausalLM",
+}
+
+
+def emo_config(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int | None = None,
+    head_dim: int | None = None,
+    num_experts: int,
+    num_experts_per_tok: int,
+    num_shared_experts: int = 0,
+    norm_topk_prob: bool = False,
+    num_experts_per_layer: list[int] | None = None,
+    num_shared_experts_per_layer: list[int] | None = None,
+    always_active_experts: list[int] | None = None,
+    always_active_experts_per_layer: list[list[int]] | None = None,
+    dense_intermediate_size: int | None = None,
+    dense_mlp_bias: bool = False,
+    attention_bias: bool = False,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 500000.0,
+    rope_scaling: dict | None = None,
+    rms_norm_eps: float = 1e-6,
+    max_position_embeddings: int = 4096,
+    eos_token_id: int = 0,
+    pad_token_id: int = 1,
+    bos_token_id: int | None = None,
+    torch_dtype: str = "bfloat16",
+) -> dict:
+    cfg = {
+        "architectures": ["EmoForCausalLM"],
+        "auto_map": dict(UPSTREAM_AUTO_MAP),
+        "model_type": "emo",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads or num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": 0.02,
+        "rms_norm_eps": rms_norm_eps,
+        "use_cache": True,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "tie_word_embeddings": tie_word_embeddings,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": attention_bias,
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": num_experts_per_tok,
+        "num_experts": num_experts,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.01,
+        "norm_topk_prob": norm_topk_prob,
+        "num_shared_experts": num_shared_experts,
+        "num_experts_per_layer": num_experts_per_layer,
+        "num_shared_experts_per_layer": num_shared_experts_per_layer,
+        "always_active_experts": always_active_experts,
+        "always_active_experts_per_layer": always_active_experts_per_layer,
+        "dense_intermediate_size": dense_intermediate_size,
+        "dense_mlp_bias": dense_mlp_bias,
+        "torch_dtype": torch_dtype,
+        "transformers_version": "4.57.0",
+    }
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    return cfg

@@ -1,0 +1,126 @@
+"""Write checkpoints in exactly the upstream Hugging Face layout, one tensor in memory at a time.
+
+Shards are planned from the tensor shapes up front, so each shard's safetensors header is written first and
+tensor data is streamed after it: writing a 27 GB-shape checkpoint never holds more than one tensor. The
+directory appears atomically: everything is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import EmoEdgeError
+from .checkpoint import INDEX_FILE, SINGLE_FILE
+
+STORE = {"bf16": ("BF16", 2), "fp32": ("F32", 4), "fp16": ("F16", 2)}
+
+
+def to_storage(x: np.ndarray, dtype: str) -> bytes:
+    """float32 array -> little-endian bytes in the checkpoint dtype (bf16 rounds to nearest even)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "fp32":
+        return x.tobytes()
+    if dtype == "fp16":
+        return x.astype(np.float16).tobytes()
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(x)
+    rounded[nan] = 0x7FC0
+    return rounded.astype(np.uint16).tobytes()
+
+
+def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: str, shard_size: int | None) -> list[list[str]]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow `shard_size` bytes."""
+    item = STORE[dtype][1]
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * item
+        if shard_size and shards[-1] and used + nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def _header(names: list[str], shapes: dict[str, tuple[int, ...]], dtype: str) -> bytes:
+    tag, item = STORE[dtype]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        n = int(np.prod(shapes[name], dtype=np.int64)) * item
+        header[name] = {"dtype": tag, "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_checkpoint(
+    out: str | Path,
+    config: dict,
+    shapes: dict[str, tuple[int, ...]],
+    produce: Callable[[str], np.ndarray],
+    *,
+    dtype: str = "bf16",
+    shard_size: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    force: bool = False,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Path:
+    """Write a checkpoint directory. `produce(name)` returns the float32 tensor for `name`, called once each,
+    in `shapes` order."""
+    if dtype not in STORE:
+        raise EmoEdgeError(f"unknown dtype '{dtype}' (choose from {', '.join(STORE)})")
+    out = Path(out)
+    if out.exists() and not force:
+        raise EmoEdgeError(f"{out}: already exists (use --force to replace it)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards = plan_shards(shapes, dtype, shard_size)
+        files = [SINGLE_FILE] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        order = [(file, name) for file, names in zip(files, shards) for name in names]
+        it = progress(order) if progress else order
+        handles: dict[str, object] = {}
+        try:
+            for file, name in it:
+                f = handles.get(file)
+                if f is None:
+                    for other in handles.values():
+                        other.close()
+                    handles.clear()
+                    f = handles[file] = open(tmp / file, "wb")
+                    f.write(_header(shards[files.index(file)], shapes, dtype))
+                arr = produce(name)
+                if tuple(arr.shape) != tuple(shapes[name]):
+                    raise EmoEdgeError(f"tensor '{name}': produced shape {list(arr.shape)}, planned {list(shapes[name])}")
+                f.write(to_storage(arr, dtype))
+        finally:
+            for f in handles.values():
+                f.close()
+        if len(shards) > 1:
+            total = sum(int(np.prod(s, dtype=np.int64)) * STORE[dtype][1] for s in shapes.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {name: file for file, name in order}}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
