@@ -1,0 +1,56 @@
+"""`emo-edge inspect CKPT`: shape, routing, parameter counts and sizes, without reading any weight."""
+
+from __future__ import annotations
+
+import click
+
+from ..checkpoint import CheckpointView
+from ..models import resolve_model
+from ..units import fmt_bytes, fmt_count
+
+# bytes per parameter of a block-quantized matrix (block 32, one fp16 scale per block)
+INT8_BPP = 1 + 2 / 32
+INT4_BPP = 0.5 + 2 / 32
+
+
+def inspect_lines(view: CheckpointView) -> list[str]:
+    spec = view.spec
+    counts = spec.param_counts()
+    moe = spec.moe_layers
+    experts = sorted({layer.num_experts for layer in moe})
+    small = counts["norms"] + counts["routers"]  # kept in fp32 by every plan
+    matrices = counts["total"] - small
+    lines = [
+        f"checkpoint   {view.root}",
+        f"identity     {view.identity[:16]}",
+        f"layers       {spec.num_layers} ({len(moe)} MoE, {spec.num_layers - len(moe)} dense)",
+        f"hidden       {spec.hidden_size}   heads {spec.num_heads} (kv {spec.num_kv_heads}, head_dim {spec.head_dim})",
+        f"vocab        {spec.vocab_size}   tied head: {spec.tie_word_embeddings}",
+        f"experts      {'/'.join(map(str, experts)) or '-'} per layer, intermediate {spec.intermediate_size}, "
+        f"top-{spec.top_k} per token",
+        f"routing      {spec.routing_variant()}" + (f" (shared: last {moe[0].num_shared})" if moe and moe[0].num_shared
+                                                    and moe[0].routing == 'shared' else "")
+        + (f" (always-active: {list(moe[0].always_active)})" if moe and moe[0].always_active else "")
+        + (", norm_topk_prob" if spec.norm_topk_prob else ""),
+        f"rope         theta {spec.rope_theta:g}, scaling {spec.rope_type}, max positions "
+        f"{spec.max_position_embeddings or 'unknown (-1)'}",
+        f"parameters   total {fmt_count(counts['total'])} ({counts['total']:,})",
+        f"             active per token {fmt_count(counts['active'])} ({counts['active']:,})",
+        f"             per expert {fmt_count(counts['per_expert'])}; experts {fmt_count(counts['experts'])}, "
+        f"attention {fmt_count(counts['attention'])}, embedding {fmt_count(counts['embedding'])}, "
+        f"head {fmt_count(counts['lm_head'])}",
+        f"dtype        {view.dtype}",
+        f"on disk      {fmt_bytes(view.bytes_on_disk())}",
+        f"estimated    int8 {fmt_bytes(matrices * INT8_BPP + small * 4)}, "
+        f"int4 {fmt_bytes(matrices * INT4_BPP + small * 4)} (block 32, fp16 scales)",
+    ]
+    return lines
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("inspect")
+    @click.argument("checkpoint", required=False)
+    def inspect_cmd(checkpoint: str | None) -> None:
+        """Print a checkpoint's shape, routing variant, parameter counts and sizes."""
+        view = CheckpointView(resolve_model(checkpoint))
+        click.echo("\n".join(inspect_lines(view)))

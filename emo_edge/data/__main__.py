@@ -1,0 +1,36 @@
+"""Regenerate the committed calibration and held-out sets: `python -m emo_edge.data`."""
+
+from __future__ import annotations
+
+import json
+
+from . import CALIB_DOMAINS, DATA_DIR, HELDOUT_DOMAINS
+from .generators import generate
+
+N_CALIB = 32
+HELDOUT_BYTES = 150_000  # per domain, well under the 300 KB limit
+
+
+def _write(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    for d in CALIB_DOMAINS:
+        _write(DATA_DIR / "calib" / f"{d}.jsonl", generate(d, N_CALIB, "calib"))
+    for d in HELDOUT_DOMAINS:
+        docs, size = [], 0
+        for t in generate(d, 2000, "heldout"):
+            if size + len(t) > HELDOUT_BYTES:
+                break
+            docs.append(t)
+            size += len(t) + 12
+        _write(DATA_DIR / "heldout" / f"{d}.jsonl", docs)
+        print(f"heldout/{d}.jsonl: {len(docs)} docs")
+
+
+if __name__ == "__main__":
+    main()

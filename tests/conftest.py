@@ -1,0 +1,65 @@
+"""Shared fixtures: small synthetic checkpoints of every routing variant, written once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from emo_edge.synth import PRESETS, synthesize, with_layers  # noqa: E402
+
+TINY = PRESETS["tiny"]
+
+# name -> (shape changes, config overrides, layers)
+VARIANTS = {
+    "topk": (dict(num_shared=0), {}, None),
+    "topk_norm": (dict(num_shared=0), dict(norm_topk_prob=True), None),
+    "shared1": ({}, {}, None),
+    "shared2": (dict(num_shared=2, top_k=4), {}, None),
+    "always_active": (dict(num_shared=0, top_k=4), dict(always_active_experts=[0, 5]), None),
+    "always_per_layer": (dict(num_shared=1, top_k=3), dict(always_active_experts_per_layer=[[2], [1, 7]]), None),
+    "per_layer_dense": (dict(num_shared=1), dict(num_experts_per_layer=[8, 6, 0, 8],
+                                                 num_shared_experts_per_layer=[1, 1, 0, 2],
+                                                 dense_intermediate_size=48, dense_mlp_bias=True), 4),
+    "gqa_bias_headdim": (dict(num_kv_heads=1, head_dim=8), dict(attention_bias=True), None),
+    "mha_tied": (dict(num_kv_heads=4), dict(tie_word_embeddings=True), None),
+    "rope_linear": ({}, dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), None),
+    "rope_dynamic": ({}, dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=4), None),
+    "rope_yarn": ({}, dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+                           max_position_embeddings=4096), None),
+    "rope_llama3": ({}, dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), None),
+}
+
+
+def make_variant(root: Path, name: str, dtype: str = "fp32", shard_size: int | None = None, seed: int = 0) -> Path:
+    changes, overrides, layers = VARIANTS[name]
+    out = root / f"{name}-{dtype}-{shard_size or 0}-{seed}"
+    if not out.exists():
+        synthesize(out, with_layers(TINY, **changes), config_overrides=overrides, layers=layers, dtype=dtype,
+                   shard_size=shard_size, seed=seed)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def variant(ckpt_root):
+    return lambda name, **kw: make_variant(ckpt_root, name, **kw)
+
+
+def run_cli(*args: str, env: dict | None = None):
+    """Run `python cli.py ...` in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=str(ROOT))

@@ -1,0 +1,313 @@
+"""Golden tests of emo_edge.quant against independent per-element code and against onnxruntime's own kernels.
+
+What onnxruntime 1.32 (CPU) does, pinned here:
+  * MatMulNBits accuracy_level 0 reproduces x @ dequantize(W)^T to fp32 rounding; accuracy_level 4 quantizes
+    x to int8 per block (~1e-2 relative error on random data, see test_matmulnbits_acc4_error).
+  * GatherBlockQuantized (uint8 data, bits 4/8) returns dequantize(W)[ids] bit for bit.
+  * QMoE with router_weights mixes with the gathered router_weights, un-renormalised; without it, it softmaxes
+    the top-k router_probs whatever normalize_routing_weights says. 8-bit QMoE uses int8 activations at every
+    accuracy_level (ORT_QMOE_CPU_QNBIT_GEMM=fp32 restores exact fp32; not used in the tests).
+  * swiglu with activation_alpha=1, activation_beta=0, swiglu_fusion=1 (rows gate0, up0, ...) is silu(g)*u.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from emo_edge import ort_ops  # noqa: E402
+from emo_edge.quant import (  # noqa: E402
+    QuantScheme,
+    dequantize,
+    gather_block_quantized_inputs,
+    pack_qmoe,
+    quantize_blockwise,
+)
+
+SCHEMES = [QuantScheme(b, 32, s) for b in (4, 8) for s in (True, False)]
+IDS = [f"int{s.bits}-{'sym' if s.symmetric else 'asym'}" for s in SCHEMES]
+
+
+# ---------------------------------------------------------------- independent reference (plain Python)
+
+def ref_quant_dequant(w: np.ndarray, bits: int, bs: int, sym: bool, scale_dtype=np.float32) -> np.ndarray:
+    """Element by element: the documented formulas, no vectorisation, no shared code."""
+    n, k = w.shape
+    out = np.zeros((n, k), np.float32)
+    qmax = 2 ** bits - 1
+    for r in range(n):
+        for b0 in range(0, k, bs):
+            blk = [float(v) for v in w[r, b0:b0 + bs]]
+            if sym:
+                zp = 2 ** (bits - 1)
+                scale = float(scale_dtype(np.float32(max(abs(v) for v in blk)) / np.float32(zp - 1)))
+            else:
+                lo, hi = min(min(blk), 0.0), max(max(blk), 0.0)
+                scale = float(scale_dtype(np.float32(hi - lo) / np.float32(qmax)))
+                zp = min(max(round(float(np.float32(-lo) / np.float32(scale))), 0), qmax) if scale > 0 else 0
+            for j, v in enumerate(blk):
+                if scale > 0:
+                    q = min(max(round(float(np.float32(v) / np.float32(scale))) + zp, 0), qmax)
+                else:
+                    q = zp
+                out[r, b0 + j] = np.float32(q - zp) * np.float32(scale)
+    return out
+
+
+def ref_unpack_row(packed_row: np.ndarray, bits: int, count: int) -> list[int]:
+    vals = []
+    for byte in packed_row.reshape(-1).tolist():
+        if bits == 8:
+            vals.append(byte)
+        else:
+            vals += [byte & 15, byte >> 4]
+    return vals[:count]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+def test_quant_dequant_matches_elementwise_reference(scheme):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((5, 96)).astype(np.float32) * rng.uniform(0.01, 3, (5, 1)).astype(np.float32)
+    w[1, :32] = 0.0  # an all-zero block
+    w[2, 32:64] = np.abs(w[2, 32:64])  # a one-signed block (asymmetric zero point at the edge)
+    qt = quantize_blockwise(w, scheme)
+    assert qt.packed.shape == (5, 3, scheme.blob_size) and qt.packed.dtype == np.uint8
+    assert qt.scales.shape == (5, 3)
+    if scheme.symmetric:
+        assert qt.zero_points is None
+    else:
+        assert qt.zero_points.shape == (5, math.ceil(3 * scheme.bits / 8))
+    np.testing.assert_array_equal(dequantize(qt), ref_quant_dequant(w, scheme.bits, 32, scheme.symmetric))
+    # the packed bytes, read independently, give the same numbers
+    for r in range(5):
+        codes = ref_unpack_row(qt.packed[r], scheme.bits, 96)
+        zps = (ref_unpack_row(qt.zero_points[r], scheme.bits, 3) if qt.zero_points is not None
+               else [scheme.default_zero_point] * 3)
+        row = [np.float32(codes[c] - zps[c // 32]) * np.float32(qt.scales[r, c // 32]) for c in range(96)]
+        np.testing.assert_array_equal(np.array(row, np.float32), dequantize(qt)[r])
+    err = np.abs(dequantize(qt) - w).reshape(5, 3, 32).max(-1)
+    assert np.all(err <= qt.scales.astype(np.float32) * 0.5 + 1e-7)
+
+
+def test_fp16_scales_and_ragged_k():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((3, 80)).astype(np.float32)  # 80 = 2.5 blocks of 32: the last is zero-padded
+    scheme = QuantScheme(4, 32, False, "float16")
+    qt = quantize_blockwise(w, scheme)
+    assert qt.scales.dtype == np.float16 and qt.packed.shape == (3, 3, 16)
+    padded = np.concatenate([w, np.zeros((3, 16), np.float32)], 1)
+    np.testing.assert_array_equal(dequantize(qt), ref_quant_dequant(padded, 4, 32, False, np.float16)[:, :80])
+
+
+def test_scheme_json_roundtrip_and_validation():
+    s = QuantScheme(8, 64, False, "float16")
+    assert QuantScheme.from_json(s.to_json()) == s
+    for bad in ({"bits": 3}, {"block_size": 24}, {"block_size": 8}, {"scale_dtype": "bfloat16"}):
+        with pytest.raises(ValueError):
+            QuantScheme(**bad)
+
+
+# ---------------------------------------------------------------- onnxruntime one-node graphs
+
+def _session(nodes, inits, inputs: dict[str, np.ndarray], out: str):
+    def vi(name, a):
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+    g = helper.make_graph(nodes, "g", [vi(k, v) for k, v in inputs.items()],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run([out], inputs)[0]
+
+
+def _run_matmulnbits(w, x, scheme, acc):
+    qt = quantize_blockwise(w, scheme)
+    nodes, inits, out = ort_ops.matmul_nbits("/t/lin", "x", qt, acc)
+    assert nodes[0].name == "/t/lin/MatMulNBits"
+    return _session(nodes, inits, {"x": x}, out), x.astype(np.float64) @ dequantize(qt).astype(np.float64).T
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+def test_matmulnbits_acc0_equals_numpy(scheme):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 128)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    y, ref = _run_matmulnbits(w, x, scheme, 0)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmulnbits_acc4_error(bits):
+    """accuracy_level 4 quantizes activations to int8 per block: ~0.3-1 % relative error on random data."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    y, ref = _run_matmulnbits(w, x, QuantScheme(bits, 32, True), 4)
+    rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert 1e-5 < rel < 3e-2, rel  # measurably not exact, but small
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+def test_gather_block_quantized_equals_dequantized_rows(scheme):
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((50, 64)).astype(np.float32)
+    qt, data = gather_block_quantized_inputs(table, scheme)
+    nodes, inits, out = ort_ops.gather_block_quantized("/model/embed_tokens", "ids", data, scheme)
+    ids = np.array([[0, 7, 49], [7, 7, 1]], np.int64)
+    y = _session(nodes, inits, {"ids": ids}, out)
+    np.testing.assert_array_equal(y, dequantize(qt)[ids])
+    # the data bytes are the MatMulNBits B bytes (a tied lm_head can share them)
+    np.testing.assert_array_equal(data["data"].reshape(qt.packed.shape), qt.packed)
+
+
+# ---------------------------------------------------------------- MoE: EMO routing, independent numpy
+
+H, I, E_ROUTED, K = 64, 32, 6, 3
+
+
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def _experts(rng, n):
+    g = [rng.standard_normal((I, H)).astype(np.float32) * 0.3 for _ in range(n)]
+    u = [rng.standard_normal((I, H)).astype(np.float32) * 0.3 for _ in range(n)]
+    d = [rng.standard_normal((H, I)).astype(np.float32) * 0.3 for _ in range(n)]
+    return g, u, d
+
+
+def emo_reference(x, router, gates, ups, downs, mode, k, forced=(), norm_topk=False):
+    """Per token, straight from the EMO definition (float64)."""
+    x = x.astype(np.float64)
+    out = np.zeros_like(x)
+    n = len(gates)
+    for t in range(x.shape[0]):
+        logits = router.astype(np.float64) @ x[t]
+        chosen: dict[int, float] = {}
+        if mode == "shared":  # router covers routed experts only; the shared one is expert n-1
+            p = np.exp(logits - logits.max()); p /= p.sum()
+            for e in np.argsort(-p, kind="stable")[: k - 1]:
+                chosen[int(e)] = p[e]
+            chosen[n - 1] = 1.0
+        else:
+            p = np.exp(logits - logits.max()); p /= p.sum()
+            for e in forced:
+                chosen[e] = p[e]
+            rest = [int(e) for e in np.argsort(-p, kind="stable") if e not in forced]
+            for e in rest[: k - len(forced)]:
+                chosen[e] = p[e]
+            if norm_topk:
+                s = sum(chosen.values())
+                chosen = {e: w / s for e, w in chosen.items()}
+        for e, w in chosen.items():
+            h = _silu(gates[e] @ x[t]) * (ups[e] @ x[t])
+            out[t] += w * (downs[e] @ h)
+    return out
+
+
+def _dequant_experts(qts):
+    g, u, d = [], [], []
+    for fc1, fc2 in qts:
+        w1 = dequantize(fc1)
+        g.append(w1[0::2]); u.append(w1[1::2]); d.append(dequantize(fc2))
+    return g, u, d
+
+
+def _moe_graph(x, router, qw, mode, k, forced=(), with_weights=True, acc=0, normalize=0):
+    p = "/model/layers.3/moe"
+    nodes = [helper.make_node("MatMul", ["x", f"{p}/router.weight_T"], [f"{p}/router/logits"], name=f"{p}/router/MatMul")]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(router.T), f"{p}/router.weight_T")]
+    n2, i2, scores, weights = ort_ops.emo_routing(p, f"{p}/router/logits", mode, len(qw.fc1_weights), forced)
+    n3, i3, out = ort_ops.qmoe(p, "x", scores, weights if with_weights else None, qw, k, acc, normalize)
+    assert n3[0].name == "/model/layers.3/moe/QMoE"
+    return _session(nodes + n2 + n3, inits + i2 + i3, {"x": x}, out)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False)], ids=["sym", "asym"])
+def test_qmoe_emo_shared_expert_routing(scheme):
+    """EMO: softmax over routed logits, top-(k-1) with raw probabilities + shared expert (last) with weight 1."""
+    rng = np.random.default_rng(6)
+    g, u, d = _experts(rng, E_ROUTED + 1)
+    qw, qts = pack_qmoe(g, u, d, scheme)
+    router = rng.standard_normal((E_ROUTED, H)).astype(np.float32) * 0.1  # flat: raw vs renormalised differ
+    x = rng.standard_normal((5, H)).astype(np.float32)
+    y = _moe_graph(x, router, qw, "shared", K)
+    ref = emo_reference(x, router, *_dequant_experts(qts), "shared", K)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # accuracy_level 4 (the speed choice): int8 activations, ~1 % relative error
+    y4 = _moe_graph(x, router, qw, "shared", K, acc=4)
+    assert np.linalg.norm(y4 - ref) / np.linalg.norm(ref) < 3e-2
+
+
+def test_qmoe_int8_emo_shared_routing():
+    """8-bit QMoE always runs int8 activations on CPU: same routing, ~1 % error."""
+    rng = np.random.default_rng(7)
+    g, u, d = _experts(rng, E_ROUTED + 1)
+    qw, qts = pack_qmoe(g, u, d, QuantScheme(8, 32, False))
+    router = rng.standard_normal((E_ROUTED, H)).astype(np.float32) * 0.1  # flat: raw vs renormalised differ
+    x = rng.standard_normal((4, H)).astype(np.float32)
+    y = _moe_graph(x, router, qw, "shared", K)
+    ref = emo_reference(x, router, *_dequant_experts(qts), "shared", K)
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 3e-2
+
+
+@pytest.mark.parametrize("mode,forced,norm", [("topk", (), False), ("topk", (), True), ("always", (1, 4), False)])
+def test_qmoe_other_routing_variants(mode, forced, norm):
+    rng = np.random.default_rng(8)
+    n = 7
+    g, u, d = _experts(rng, n)
+    qw, qts = pack_qmoe(g, u, d, QuantScheme(4, 32, True))
+    router = rng.standard_normal((n, H)).astype(np.float32) * 0.1
+    x = rng.standard_normal((5, H)).astype(np.float32)
+    # norm_topk_prob: no router_weights; QMoE's softmax of the top-k logits is the renormalised top-k softmax
+    y = _moe_graph(x, router, qw, mode, 4, forced, with_weights=not norm, normalize=int(norm))
+    ref = emo_reference(x, router, *_dequant_experts(qts), "topk" if mode == "topk" else "always", 4, forced, norm)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_qmoe_without_router_weights_ignores_normalize_flag():
+    """The documented trap: normalize_routing_weights=0 still softmaxes only the top-k (renormalised)."""
+    rng = np.random.default_rng(9)
+    n = 7
+    g, u, d = _experts(rng, n)
+    qw, qts = pack_qmoe(g, u, d, QuantScheme(4, 32, True))
+    router = rng.standard_normal((n, H)).astype(np.float32) * 0.05  # flat routing: top-3 mass well below 1
+    x = rng.standard_normal((3, H)).astype(np.float32)
+    y = _moe_graph(x, router, qw, "topk", 3, with_weights=False, normalize=0)
+    deq = _dequant_experts(qts)
+    renorm = emo_reference(x, router, *deq, "topk", 3, norm_topk=True)
+    raw = emo_reference(x, router, *deq, "topk", 3, norm_topk=False)
+    np.testing.assert_allclose(y, renorm, rtol=0, atol=1e-5 * np.abs(renorm).max())
+    assert np.linalg.norm(y - raw) > 0.2 * np.linalg.norm(raw)
+
+
+def test_float_moe_emo_shared_routing():
+    """Float MoE honours normalize_routing_weights=0 (softmax over ALL router_probs): routed experts with k-1,
+    shared expert as a separate dense MLP added after."""
+    rng = np.random.default_rng(10)
+    g, u, d = _experts(rng, E_ROUTED + 1)
+    router = rng.standard_normal((E_ROUTED, H)).astype(np.float32) * 0.1  # flat: raw vs renormalised differ
+    x = rng.standard_normal((4, H)).astype(np.float32)
+    p = "/model/layers.0/moe"
+    fc1 = np.stack([np.stack([gi, ui], 1).reshape(2 * I, H) for gi, ui in zip(g[:-1], u[:-1])])
+    fc2 = np.stack(d[:-1])
+    nodes = [helper.make_node("MatMul", ["x", "rT"], ["logits"])]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(router.T), "rT")]
+    n2, i2, moe_out = ort_ops.float_moe(p, "x", "logits", fc1, fc2, K - 1)
+    # shared expert: down(silu(gate x) * up x)
+    for nm, w in (("sg", g[-1]), ("su", u[-1]), ("sd", d[-1])):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), nm))
+    nodes += n2 + [
+        helper.make_node("MatMul", ["x", "sg"], ["hg"]), helper.make_node("MatMul", ["x", "su"], ["hu"]),
+        helper.make_node("Sigmoid", ["hg"], ["sig"]), helper.make_node("Mul", ["hg", "sig"], ["act"]),
+        helper.make_node("Mul", ["act", "hu"], ["hh"]), helper.make_node("MatMul", ["hh", "sd"], ["sh"]),
+        helper.make_node("Add", [moe_out, "sh"], ["y"])]
+    y = _session(nodes, inits + i2, {"x": x}, "y")
+    ref = emo_reference(x, router, g, u, d, "shared", K)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
