@@ -248,8 +248,8 @@ def _layer_specs(cfg: dict, num_layers: int, top_k: int, where: str) -> tuple[La
             raise ConfigError(f"{where}: layer {i}: num_experts_per_tok ({top_k}) is smaller than its "
                               f"{len(layer.implicit_experts)} shared/always-active experts")
         if layer.routed_k > len(layer.routed_experts):
-            raise ConfigError(f"{where}: layer {i}: needs {layer.routed_k} routed experts per token but has "
-                              f"only {len(layer.routed_experts)}")
+            raise ConfigError(f"{where}: layer {i}: num_experts_per_tok ({top_k}) needs {layer.routed_k} routed "
+                              f"experts per token but the layer has only {len(layer.routed_experts)}")
         layers.append(layer)
     return tuple(layers)
 

@@ -22,18 +22,22 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE
 STORE = {"bf16": ("BF16", 2), "fp32": ("F32", 4), "fp16": ("F16", 2)}
 
 
-def to_storage(x: np.ndarray, dtype: str) -> bytes:
-    """float32 array -> little-endian bytes in the checkpoint dtype (bf16 rounds to nearest even)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def to_storage(x: np.ndarray, dtype: str, chunk: int = 1 << 22) -> bytes:
+    """float32 array -> little-endian bytes in the checkpoint dtype (bf16 rounds to nearest even, as torch
+    does). Converted in chunks so a large tensor needs only its output bytes on top of itself."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if dtype == "fp32":
         return x.tobytes()
     if dtype == "fp16":
         return x.astype(np.float16).tobytes()
-    u = x.view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    nan = np.isnan(x)
-    rounded[nan] = 0x7FC0
-    return rounded.astype(np.uint16).tobytes()
+    out = bytearray(x.size * 2)
+    view = np.frombuffer(out, dtype=np.uint16)
+    for start in range(0, x.size, chunk):
+        u = x[start:start + chunk].view(np.uint32)
+        rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        rounded[np.isnan(x[start:start + chunk])] = 0x7FC0
+        view[start:start + chunk] = rounded
+    return bytes(out)
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: str, shard_size: int | None) -> list[list[str]]:
