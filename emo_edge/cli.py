@@ -16,6 +16,10 @@ COMMAND_MODULES = [
     "emo_edge.commands.inspect",
     "emo_edge.commands.synth",
     "emo_edge.commands.logits",
+    "emo_edge.commands.export",
+    "emo_edge.commands.run",
+    "emo_edge.commands.pools",
+    "emo_edge.commands.eval",
 ]
 
 

@@ -76,7 +76,7 @@ def digits_doc(rng: random.Random, lines: int = 12) -> str:
         op = rng.choice("+-*/")
         value = {"+": a + b, "-": a - b, "*": a * b, "/": round(a / b, 2)}[op]
         out.append(f"({a} {op} {b}) = {value}")
-    return "\n".join(out)
+    return " ".join(out)  # one line: every token of a planted document belongs to its domain
 
 
 def letters_doc(rng: random.Random, sentences: int = 6) -> str:
@@ -84,7 +84,7 @@ def letters_doc(rng: random.Random, sentences: int = 6) -> str:
     for _ in range(sentences):
         words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 14))]
         out.append(" ".join(words).capitalize())
-    return "\n".join(out)
+    return " ".join(out)
 
 
 def token_domains(tok: TextTokenizer) -> dict[str, list[int]]:
@@ -94,7 +94,7 @@ def token_domains(tok: TextTokenizer) -> dict[str, list[int]]:
         chars = set(text)
         if not text.strip():
             continue
-        if chars <= _DIGIT_CHARS and any(c.isdigit() or c in "+-*/=" for c in chars):
+        if chars <= _DIGIT_CHARS:  # numbers, operators, brackets (whitespace-only tokens stay neutral)
             groups["digits"].append(i)
         elif chars <= _LETTER_CHARS and any(c.isalpha() for c in chars):
             groups["letters"].append(i)
@@ -146,7 +146,7 @@ class WeightMaker:
     def _embed(self, normal) -> np.ndarray:
         if not self.plant:
             return normal(1.0)
-        w = normal(0.3)
+        w = normal(0.6)
         scale = np.float32(np.sqrt(self.spec.hidden_size))
         for d, domain in enumerate(PLANT_DOMAINS):
             ids = np.asarray(self.plant["tokens"][domain], dtype=np.int64)
@@ -157,7 +157,10 @@ class WeightMaker:
         H = self.spec.hidden_size
         if not self.plant:
             return normal(2.0 / np.sqrt(H))
-        w = normal(0.5 / np.sqrt(H))
+        # token-specific noise (orthogonal to the planted directions, so no expert gets a constant bias) spreads
+        # a domain's tokens over all of its group's experts; the planted direction keeps them inside the group
+        w = normal(1.5 / np.sqrt(H))
+        w -= (w @ self.directions.T) @ self.directions
         for d, domain in enumerate(PLANT_DOMAINS):
             ids = self.plant["groups"][str(key.layer)][domain]
             w[ids] += np.float32(10.0 / np.sqrt(H)) * self.directions[d]

@@ -1,0 +1,144 @@
+"""`emo-edge eval CKPT --pool math [--text FILE] [--sweep 0.5,0.25,0.125 [--plot out.png]]`: perplexity of the
+full model and of the pool-restricted model on held-out text (streaming, layer by layer)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from ..errors import PoolError
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PoolError(f"--sweep '{text}' must be comma-separated fractions, e.g. 0.5,0.25,0.125") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise PoolError(f"--sweep '{text}': fractions must be in (0, 1]")
+    return values
+
+
+def _ppl(nll: float, n: int, kl: float = 0.0) -> float:
+    return math.exp(nll / n) if n else float("nan")
+
+
+def plot_retention(path: str, rows: list[tuple[float, float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..fsutil import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs, ys = zip(*sorted(rows))
+    ax.plot(xs, ys, marker="o")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("fraction of routed experts kept")
+    ax.set_ylabel("perplexity ratio (pool / full)")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("eval")
+    @click.argument("model", required=False)
+    @click.option("--pool", "pool_names", required=True,
+                  help="Pool(s): catalog names, built-in domains (math, code, prose, chat) or pool .json files; "
+                       "a comma-separated list means their union.")
+    @click.option("--text", "text_files", multiple=True,
+                  help="Held-out text (JSONL or blank-line-separated plain text); default for a built-in domain: "
+                       "its built-in held-out set.")
+    @click.option("--max-docs", type=int, default=32, show_default=True, help="Held-out documents per file.")
+    @click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens per document.")
+    @click.option("--sweep", help="Fractions to discover the pool at, e.g. 0.5,0.25,0.125 (retention table).")
+    @click.option("--calib", multiple=True, help="Calibration files for --sweep (default: the built-in domain's).")
+    @click.option("--method", type=click.Choice(["mass", "layerwise", "easy-ep"]), default="layerwise",
+                  show_default=True, help="Discovery method for --sweep.")
+    @click.option("--plot", help="With --sweep: draw the retention curve to this PNG.")
+    @click.option("--catalog", help="Catalog directory.")
+    def eval_cmd(model, pool_names, text_files, max_docs, max_tokens, sweep, calib, method, plot, catalog):
+        """Perplexity of the full model vs the pool-restricted model on held-out text, and their ratio."""
+        from ..checkpoint import CheckpointView
+        from ..models import resolve_model
+        from ..pools import BUILTIN_DOMAINS, compose, discover_pool, resolve_pools
+        from ..pools.calib import load_calibration
+        from ..pools.discover import doc_nll
+        from ..reference import Reference
+        from ..tokenizer import load_tokenizer
+        from .pools import _progress
+
+        if plot and not sweep:
+            raise PoolError("--plot needs --sweep")
+        view = CheckpointView(resolve_model(model))
+        names = [s.strip() for s in pool_names.split(",") if s.strip()]
+        files = list(text_files)
+        if not files:
+            domains = [n for n in names if n in BUILTIN_DOMAINS]
+            if not domains:
+                raise PoolError("give --text FILE (held-out text); only built-in domains have a default")
+            from ..pools.catalog import BUILTIN_CALIB
+            files = [str(BUILTIN_CALIB.parent / "heldout" / f"{d}.jsonl") for d in domains]
+        held = load_calibration(files, load_tokenizer(view.root), max_tokens=max_tokens, max_docs=max_docs)
+        ref = Reference(view, streaming=True)
+
+        if not sweep:
+            pools = resolve_pools(view, names, catalog, progress=_progress,
+                                  log=lambda m: click.echo(m, err=True))
+            union = compose(pools)
+            (full, pooled) = doc_nll(ref, held.docs, [None, union], progress=_progress)
+            pf, pp = _ppl(*full), _ppl(*pooled)
+            kept = sum(len(u) for u in union if u is not None)
+            total = sum(len(l.routed_experts) for l in view.spec.layers if l.num_experts)
+            click.echo(f"held-out: {', '.join(Path(f).name for f in files)} ({len(held.docs)} documents, "
+                       f"{full[1]} predicted tokens)")
+            click.echo(f"full model         ppl {pf:10.3f}")
+            click.echo(f"pool {pool_names:<13} ppl {pp:10.3f}  ({kept}/{total} routed experts)")
+            click.echo(f"ratio pool/full    {pp / pf:.4f}   (mean KL full||pool {pooled[2]:.5f} nats/token)")
+            return
+
+        fractions = _fractions(sweep)
+        if len(names) != 1:
+            raise PoolError("--sweep takes one pool name (a built-in domain, or any name with --calib)")
+        name = names[0]
+        if not calib and name not in BUILTIN_DOMAINS:
+            raise PoolError(f"--sweep: '{name}' is not a built-in domain; give --calib FILE to rediscover it")
+        pools = []
+        for f in fractions:
+            if calib:
+                pools.append(discover_pool(view, f"{name}@{f:g}", calib, method=method, fraction=f,
+                                           progress=_progress))
+            else:
+                pools.append(resolve_pools(view, [name], catalog, fraction=f, method=method, progress=_progress,
+                                           log=lambda m: click.echo(m, err=True))[0])
+        results = doc_nll(ref, held.docs, [None] + [p.layers for p in pools], progress=_progress)
+        pf = _ppl(*results[0])
+        total = sum(len(l.routed_experts) for l in view.spec.layers if l.num_experts)
+        click.echo(f"retention of '{name}' ({method}) on {', '.join(Path(f).name for f in files)} "
+                   f"({len(held.docs)} documents, {results[0][1]} predicted tokens)")
+        rows = [["fraction", "experts kept", "coverage", "ppl", "ratio", "KL/token"],
+                ["1 (full)", f"{total}/{total}", "1.000", f"{pf:.3f}", "1.0000", "0"]]
+        curve = [(1.0, 1.0)]
+        for f, p, r in zip(fractions, pools, results[1:]):
+            kept = sum(len(u) for u in p.layers if u is not None)
+            covs = [s["coverage"] for s in p.stats if s]
+            pp = _ppl(*r)
+            rows.append([f"{f:g}", f"{kept}/{total}", f"{sum(covs) / len(covs):.3f}", f"{pp:.3f}",
+                         f"{pp / pf:.4f}", f"{r[2]:.5f}"])
+            curve.append((f, pp / pf))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if plot:
+            plot_retention(plot, curve, f"{name}: quality vs experts kept ({method})")
+            click.echo(f"wrote {plot}")
