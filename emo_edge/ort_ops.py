@@ -15,7 +15,8 @@ from .quant import QMoEWeights, QuantizedTensor, QuantScheme, gather_block_quant
 MS = "com.microsoft"
 # Selection score given to experts that must always be chosen (shared / always-active). Only the order of
 # router_probs matters to QMoE when router_weights is given; any finite value above every logit works.
-FORCE_SCORE = 1.0e9
+# 3e4 stays finite in float16 activations (max 65504) and far above any real router logit.
+FORCE_SCORE = 3.0e4
 
 Emitted = tuple[list[NodeProto], list[TensorProto], str]
 
@@ -58,17 +59,18 @@ def gather_block_quantized(prefix: str, ids: str, data: dict[str, np.ndarray], s
     return [node], inits, out
 
 
-def emo_routing(prefix: str, logits: str, mode: str, n_experts: int, forced: tuple[int, ...] = ()) -> tuple[
-        list[NodeProto], list[TensorProto], str, str]:
-    """Turn router logits [T, E_logits] into QMoE's (router_probs, router_weights) for an EMO variant.
+def emo_routing(prefix: str, logits: str, mode: str, n_experts: int, forced: tuple[int, ...] = (),
+                n_shared: int = 1) -> tuple[list[NodeProto], list[TensorProto], str, str]:
+    """Turn router logits [T, E] (2-D, all E experts of the bundle) into QMoE's (router_probs, router_weights).
 
-    mode "shared" (EMO with one shared expert, stored LAST in the QMoE weights; logits cover the routed
-    experts only, E_logits = n_experts - 1):
-        logits --Softmax--> Pad(+1.0 column)  --> weights [T, E]   (routed softmax, shared weight exactly 1)
-        logits ----------> Pad(+1e9 column)   --> scores  [T, E]   (shared always selected)
+    mode "shared" (EMO: the LAST n_shared experts are shared; emo_edge.reference.route):
+        logits --Split[E-s, s]--> routed --Softmax--------------+--Concat--> weights [T, E]
+                                  shared --Softmax--------------+            (s=1: shared weight exactly 1)
+                                  routed -----------------------+--Concat--> scores  [T, E]
+                                  shared --Add(3e4)-------------+            (shared always selected)
     mode "always" (softmax over all logits; experts in `forced` always chosen with their own probability):
         logits --Softmax--------------------> weights [T, E]
-        logits --Add(1e9 at forced)---------> scores  [T, E]
+        logits --Add(3e4 at forced)---------> scores  [T, E]
     mode "topk" (plain top-k of softmax(all), not renormalised):
         logits --Softmax--> weights;  scores = logits
     (norm_topk_prob=True needs no weights at all: QMoE without router_weights softmaxes the top-k logits,
@@ -78,17 +80,25 @@ def emo_routing(prefix: str, logits: str, mode: str, n_experts: int, forced: tup
     p = f"{prefix}/router"
     nodes: list[NodeProto] = []
     inits: list[TensorProto] = []
+    if mode == "shared":
+        s = n_shared
+        r, sh = f"{p}/Split/output_0", f"{p}/Split/output_1"
+        inits += [_init(f"{p}/split_sizes", np.array([n_experts - s, s], np.int64)),
+                  _init(f"{p}/force_score", np.array(FORCE_SCORE, np.float32))]
+        weights, scores = f"{p}/Concat_weights/output_0", f"{p}/Concat_scores/output_0"
+        nodes += [
+            helper.make_node("Split", [logits, f"{p}/split_sizes"], [r, sh], name=f"{p}/Split", axis=-1),
+            helper.make_node("Softmax", [r], [f"{p}/Softmax_routed/output_0"], name=f"{p}/Softmax_routed", axis=-1),
+            helper.make_node("Softmax", [sh], [f"{p}/Softmax_shared/output_0"], name=f"{p}/Softmax_shared", axis=-1),
+            helper.make_node("Concat", [f"{p}/Softmax_routed/output_0", f"{p}/Softmax_shared/output_0"], [weights],
+                             name=f"{p}/Concat_weights", axis=-1),
+            helper.make_node("Add", [sh, f"{p}/force_score"], [f"{p}/Add_force/output_0"], name=f"{p}/Add_force"),
+            helper.make_node("Concat", [r, f"{p}/Add_force/output_0"], [scores], name=f"{p}/Concat_scores", axis=-1),
+        ]
+        return nodes, inits, scores, weights
     soft = f"{p}/Softmax/output_0"
     nodes.append(helper.make_node("Softmax", [logits], [soft], name=f"{p}/Softmax", axis=-1))
-    if mode == "shared":
-        pads = f"{p}/pads_last_col"
-        inits += [_init(pads, np.array([0, 0, 0, 1], np.int64)),
-                  _init(f"{p}/one", np.array(1.0, np.float32)),
-                  _init(f"{p}/force_score", np.array(FORCE_SCORE, np.float32))]
-        weights, scores = f"{p}/Pad_weights/output_0", f"{p}/Pad_scores/output_0"
-        nodes.append(helper.make_node("Pad", [soft, pads, f"{p}/one"], [weights], name=f"{p}/Pad_weights"))
-        nodes.append(helper.make_node("Pad", [logits, pads, f"{p}/force_score"], [scores], name=f"{p}/Pad_scores"))
-    elif mode == "always":
+    if mode == "always":
         bias = np.zeros(n_experts, np.float32)
         bias[list(forced)] = FORCE_SCORE
         inits.append(_init(f"{p}/force_bias", bias))

@@ -190,8 +190,9 @@ def emo_reference(x, router, gates, ups, downs, mode, k, forced=(), norm_topk=Fa
     for t in range(x.shape[0]):
         logits = router.astype(np.float64) @ x[t]
         chosen: dict[int, float] = {}
-        if mode == "shared":  # router covers routed experts only; the shared one is expert n-1
-            p = np.exp(logits - logits.max()); p /= p.sum()
+        if mode == "shared":  # the shared expert is the last; its own 1-logit softmax is exactly 1
+            lr = logits[: n - 1]
+            p = np.exp(lr - lr.max()); p /= p.sum()
             for e in np.argsort(-p, kind="stable")[: k - 1]:
                 chosen[int(e)] = p[e]
             chosen[n - 1] = 1.0
@@ -235,7 +236,7 @@ def test_qmoe_emo_shared_expert_routing(scheme):
     rng = np.random.default_rng(6)
     g, u, d = _experts(rng, E_ROUTED + 1)
     qw, qts = pack_qmoe(g, u, d, scheme)
-    router = rng.standard_normal((E_ROUTED, H)).astype(np.float32) * 0.1  # flat: raw vs renormalised differ
+    router = rng.standard_normal((E_ROUTED + 1, H)).astype(np.float32) * 0.1  # flat: raw vs renorm differ
     x = rng.standard_normal((5, H)).astype(np.float32)
     y = _moe_graph(x, router, qw, "shared", K)
     ref = emo_reference(x, router, *_dequant_experts(qts), "shared", K)
@@ -250,7 +251,7 @@ def test_qmoe_int8_emo_shared_routing():
     rng = np.random.default_rng(7)
     g, u, d = _experts(rng, E_ROUTED + 1)
     qw, qts = pack_qmoe(g, u, d, QuantScheme(8, 32, False))
-    router = rng.standard_normal((E_ROUTED, H)).astype(np.float32) * 0.1  # flat: raw vs renormalised differ
+    router = rng.standard_normal((E_ROUTED + 1, H)).astype(np.float32) * 0.1
     x = rng.standard_normal((4, H)).astype(np.float32)
     y = _moe_graph(x, router, qw, "shared", K)
     ref = emo_reference(x, router, *_dequant_experts(qts), "shared", K)
@@ -292,13 +293,13 @@ def test_float_moe_emo_shared_routing():
     shared expert as a separate dense MLP added after."""
     rng = np.random.default_rng(10)
     g, u, d = _experts(rng, E_ROUTED + 1)
-    router = rng.standard_normal((E_ROUTED, H)).astype(np.float32) * 0.1  # flat: raw vs renormalised differ
+    router = rng.standard_normal((E_ROUTED + 1, H)).astype(np.float32) * 0.1
     x = rng.standard_normal((4, H)).astype(np.float32)
     p = "/model/layers.0/moe"
     fc1 = np.stack([np.stack([gi, ui], 1).reshape(2 * I, H) for gi, ui in zip(g[:-1], u[:-1])])
     fc2 = np.stack(d[:-1])
     nodes = [helper.make_node("MatMul", ["x", "rT"], ["logits"])]
-    inits = [numpy_helper.from_array(np.ascontiguousarray(router.T), "rT")]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(router[:-1].T), "rT")]  # routed logits only
     n2, i2, moe_out = ort_ops.float_moe(p, "x", "logits", fc1, fc2, K - 1)
     # shared expert: down(silu(gate x) * up x)
     for nm, w in (("sg", g[-1]), ("su", u[-1]), ("sd", d[-1])):
