@@ -1,0 +1,39 @@
+"""`emo-edge export [--model CKPT] --pools math,code --budget 4GB ...`: a verified ONNX bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("export")
+    @click.option("--model", "model", default=None, help="Checkpoint directory (default: see resolve_model).")
+    @click.option("--pools", required=True, help="Comma-separated pool names or pool JSON files, or 'all'.")
+    @click.option("--budget", default=None, help="Bundle weight budget, e.g. 4GB.")
+    @click.option("--context", default=4096, show_default=True, type=int, help="Context length (tokens).")
+    @click.option("--target", default="cpu", show_default=True, help="Target (cpu, arm64).")
+    @click.option("--precision", default="auto", show_default=True,
+                  help="auto|fp32|fp16|int8|int4, or per component: experts=int4,attention=int8,...")
+    @click.option("--out", default=None, help="Bundle directory (default ./bundles/<model>-<pools>-<precision>).")
+    @click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
+    @click.option("--verify/--no-verify", default=True, show_default=True, help="Check against the reference.")
+    def export_cmd(model, pools, budget, context, target, precision, out, force, verify):
+        """Export a verified ONNX bundle of the model restricted to the pools' experts."""
+        from ..export.pipeline import export
+        from ..models import resolve_model
+        from ..units import fmt_bytes
+
+        path = resolve_model(model)
+        report = export(path, pools, budget, context, target, precision, Path(out) if out else None, force, verify)
+        v = report["verification"]
+        dst = Path(out) if out else None
+        click.echo(f"bundle: {dst or report['name']} ({fmt_bytes(sum(report['sizes'].values()))}, "
+                   f"precision {report['plan']['experts_precision']})")
+        if v:
+            extra = (f"max|diff| {v['max_abs_diff']:.2e} (tol {v['tolerance']:.2e}), greedy identical "
+                     f"{v['greedy_identical']}" if v["mode"] == "fp32" else
+                     f"top-1 {v['top1_agreement']:.3f}, KL {v['kl_mean']:.4f}, ppl ratio {v['ppl_ratio']:.3f}")
+            click.echo(f"verification: {'PASS' if v['passed'] else 'FAIL'}: {extra}")
+        click.echo(f"export peak RSS (build): {fmt_bytes(report['peak_rss_build_bytes'])}")

@@ -1,0 +1,165 @@
+"""export: checkpoint + pools + budget -> verified bundle, written to a temporary directory and renamed into
+place only when complete and verified.
+
+    resolve (model, pools, target, plan) -> build graph (layer by layer, streaming) -> onnx.checker
+    -> tokenizer + genai_config -> verify -> report -> manifest (sha256) -> rename
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointView
+from ..errors import BundleError, EmoEdgeError
+from ..names import TensorKey
+from ..fsutil import atomic_dir
+from ..units import parse_size
+from . import bundle_writer, planning, weights
+from exporters import onnx as onnx_exporter
+
+
+class VerificationError(BundleError):
+    """The bundle does not match the reference within the target's thresholds."""
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rope_caches(spec, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [context, head_dim/2] for GroupQueryAttention (attention scaling folded in)."""
+    from .. import rope
+    if spec.rope_type == "dynamic":
+        original = spec.max_position_embeddings or spec.rope_scaling.get("original_max_position_embeddings")
+        if context > original:
+            raise EmoEdgeError(f"rope_scaling 'dynamic' changes the frequencies with the sequence length; a static "
+                               f"bundle supports at most the original {original} positions, but --context is "
+                               f"{context}")
+    cos, sin = rope.cos_sin(spec, np.arange(context))
+    half = spec.head_dim // 2
+    return cos[:, :half], sin[:, :half]
+
+
+def default_out(model: Path, pools: str, precision: str) -> Path:
+    tag = "-".join(Path(p).stem for p in pools.split(",") if p.strip())
+    return Path("bundles") / f"{model.resolve().name}-{tag}-{precision}"
+
+
+def build(view: CheckpointView, plan: planning.LocalPlan, dst: Path, progress: bool) -> dict:
+    spec = view.spec
+    dims = onnx_exporter.ModelDims(spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers,
+                                   spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
+                                   spec.norm_topk_prob, plan.context)
+    prec = onnx_exporter.Precision(plan.attention, plan.experts_precision, plan.embedding, plan.lm_head,
+                                   plan.block_size, plan.accuracy_level, plan.symmetric, plan.scale_dtype)
+    cos, sin = rope_caches(spec, plan.context)
+    b = onnx_exporter.DecoderBuilder(dst, dims, prec, cos, sin)
+    emb_rows = lambda a, c: view.tensor(TensorKey("embed"), rows=np.arange(a, c)).numpy()  # noqa: E731
+    head_key = TensorKey("embed" if spec.tie_word_embeddings else "lm_head")
+    head_rows = lambda a, c: view.tensor(head_key, rows=np.arange(a, c)).numpy()  # noqa: E731
+    bar = tqdm(total=spec.num_layers + 2, desc="export: build graph", unit="step", disable=not progress)
+    try:
+        b.embedding(emb_rows)
+        bar.update()
+        for i in range(spec.num_layers):
+            bar.set_postfix_str(f"layer {i}")
+            try:
+                b.layer(i, weights.layer_weights(view, i, plan.experts[i]))
+            except ValueError as exc:
+                raise BundleError(f"layer {i}: {exc}") from None
+            bar.update()
+        b.head(view.tensor(TensorKey("final_norm")).numpy(), head_rows)
+        bar.update()
+        path = b.save()
+    finally:
+        b.data.close()
+        bar.close()
+    onnx_exporter.check(path)
+    return {"model.onnx": path.stat().st_size, "model.onnx.data": (dst / "model.onnx.data").stat().st_size}
+
+
+def export(model: Path, pools: str, budget: str | None, context: int, target: str, precision: str,
+           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 4) -> dict:
+    t0 = time.perf_counter()
+    view = CheckpointView(model)
+    spec = view.spec
+    tgt = planning.load_target(target)
+    layers, pool_desc = planning.resolve_pool_layers(view, pools, spec)
+    if context < 8:
+        raise EmoEdgeError(f"--context {context} is too small")
+    plan = planning.make_plan(spec, layers, precision, parse_size(budget, "--budget") if budget else None,
+                              context, tgt, identity=view.identity)
+    layers = plan.experts  # the planner may have trimmed experts to fit the budget
+    out = Path(out) if out else default_out(model, pools, plan.label)
+    if out.exists() and not force:
+        raise EmoEdgeError(f"{out}: already exists (use --force to replace it)")
+    timings = {}
+    try:
+        with atomic_dir(out, force) as tmp:
+            t = time.perf_counter()
+            sizes = build(view, plan, tmp, progress)
+            timings["build"] = time.perf_counter() - t
+            peak = rss_peak()
+            bundle_writer.copy_tokenizer(Path(model), tmp, context)
+            bundle_writer.write_json(tmp / "genai_config.json", bundle_writer.genai_config(spec, context))
+            remap = [weights.remap(l, e) for l, e in zip(spec.layers, layers)]
+            result = None
+            if verify:
+                t = time.perf_counter()
+                result = _verify(view, layers, plan, tmp, tgt, progress, n_verify)
+                timings["verify"] = time.perf_counter() - t
+            name = out.name
+            report = {"name": name, "source": {"path": str(model), "identity": view.identity},
+                      "pools": pool_desc, "target": tgt["name"], "plan": plan_summary(plan),
+                      "experts_per_layer": [None if e is None else len(e) for e in layers],
+                      "sizes": sizes, "verification": result, "peak_rss_build_bytes": peak,
+                      "timings_s": {**timings, "total": time.perf_counter() - t0}}
+            bundle_writer.write_json(tmp / "report.json", report)
+            (tmp / "report.md").write_text(bundle_writer.report_md(report), encoding="utf-8")
+            if result is not None and not result["passed"]:
+                r = result
+                raise VerificationError(
+                    f"verification failed: {'; '.join(r['failures'])} (measured: top-1 {r['top1_agreement']:.3f}, "
+                    f"KL {r['kl_mean']:.4f}, ppl ratio {r['ppl_ratio']:.3f}, max|diff| {r['max_abs_diff']:.3g}; "
+                    f"no bundle written)")
+            bundle_writer.write_manifest(tmp, {
+                "source": report["source"], "pools": pool_desc, "experts": remap, "plan": plan.to_dict(),
+                "precision": plan_summary(plan)["precision"],
+                "target": tgt["name"], "context_length": context})
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise BundleError(f"{out}: export failed while writing ({what}); nothing was left behind") from None
+    return report
+
+
+def plan_summary(plan) -> dict:
+    """The fields report.md shows, whichever planner made the plan."""
+    return {"attention": plan.attention, "experts_precision": plan.experts_precision, "embedding": plan.embedding,
+            "lm_head": plan.lm_head, "block_size": plan.block_size, "context": plan.context,
+            "budget_bytes": plan.budget_bytes, "estimated_bytes": plan.estimated_bytes, "trimmed": plan.trims,
+            "precision": {"attention": plan.attention, "experts": plan.experts_precision,
+                          "embedding": plan.embedding, "lm_head": plan.lm_head, "router": "fp32"},
+            "plan": plan.to_dict()}
+
+
+def _verify(view, layers, plan, tmp, tgt, progress, n_verify) -> dict:
+    from ..reference import Reference
+    from ..tokenizer import TextTokenizer
+    spec = view.spec
+    big = spec.vocab_size * spec.hidden_size * spec.num_layers > 2e9 or spec.intermediate_size >= 512
+    ref = Reference(view, pool=layers, streaming=big)
+    tok = TextTokenizer(tmp / "tokenizer.json")
+    quantized = plan.lowest != "fp32"
+    th = tgt.get("thresholds", {}).get(plan.lowest)
+    return verify_mod().verify(tmp, ref, tok.encode, quantized, th, n_seq=n_verify, progress=progress)
+
+
+def verify_mod():
+    from . import verify
+    return verify

@@ -1,0 +1,94 @@
+"""The device-side bundle loader: manifest and sha256 checks, pool checks, sampling, onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+CTX = 48
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, variant):
+    from emo_edge.export.pipeline import export
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export(variant("shared1"), "all", None, CTX, "cpu", "fp32", out, False, False, progress=False)
+    return out
+
+
+def test_manifest_lists_every_file_with_sha256(bundle_dir):
+    from emo_edge.bundle import sha256_file
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    on_disk = {p.name for p in bundle_dir.iterdir()} - {"manifest.json"}
+    assert set(m["files"]) == on_disk
+    for name, e in m["files"].items():
+        assert e["sha256"] == sha256_file(bundle_dir / name)
+    assert m["schema_version"] == 1 and m["emo_edge_version"]
+    layer0 = m["experts"][0]
+    assert layer0["routed_bundle_ids"] == list(range(len(layer0["routed_source_ids"])))
+    cfg = json.loads((bundle_dir / "genai_config.json").read_text())["model"]
+    assert cfg["type"] == "decoder" and cfg["context_length"] == CTX and cfg["vocab_size"] == 512
+
+
+def test_corrupt_or_missing_files_refused(bundle_dir, tmp_path):
+    from emo_edge.bundle import Bundle
+    from emo_edge.errors import BundleError
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    data = bytearray((bad / "model.onnx.data").read_bytes())
+    data[1000] ^= 0xFF
+    (bad / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle(bad)
+    (bad / "model.onnx.data").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Bundle(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="not a bundle"):
+        Bundle(bad)
+
+
+def test_pool_must_match_bundle(bundle_dir, tmp_path):
+    from emo_edge.bundle import Bundle, pool_matches
+    from emo_edge.errors import BundleError
+    m = Bundle(bundle_dir).manifest
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({"layers": [r["routed_source_ids"] for r in m["experts"]]}))
+    pool_matches(m, same)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"layers": [r["routed_source_ids"][:3] for r in m["experts"]]}))
+    with pytest.raises(BundleError, match="layer 0"):
+        pool_matches(m, other)
+
+
+def test_context_limit_and_sampling(bundle_dir):
+    from emo_edge.bundle import Bundle, sample
+    from emo_edge.errors import BundleError
+    b = Bundle(bundle_dir)
+    with pytest.raises(BundleError, match="context"):
+        b.logits(list(range(CTX + 1)))
+    a, _ = b.generate([5, 6, 7], 6, temperature=0.9, top_p=0.8, seed=3, stop_at_eos=False)
+    c, _ = b.generate([5, 6, 7], 6, temperature=0.9, top_p=0.8, seed=3, stop_at_eos=False)
+    assert a == c
+    logits = np.array([0.0, 10.0, 0.0])
+    assert sample(logits, 0.0, 1.0, np.random.default_rng(0)) == 1
+    assert sample(logits, 1.0, 0.5, np.random.default_rng(0)) == 1  # nucleus keeps only the top token
+
+
+def test_onnxruntime_genai_runs_bundle_unchanged(bundle_dir):
+    og = pytest.importorskip("onnxruntime_genai")
+    from emo_edge.bundle import Bundle
+    ids = [5, 17, 99, 3]
+    m = og.Model(str(bundle_dir))
+    p = og.GeneratorParams(m)
+    p.set_search_options(max_length=20, do_sample=False)
+    g = og.Generator(m, p)
+    g.append_tokens(np.array(ids, dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    seq = [int(t) for t in g.get_sequence(0)]
+    ours, _ = Bundle(bundle_dir).generate(ids, len(seq) - len(ids), stop_at_eos=False)
+    assert seq == ids + ours
