@@ -76,7 +76,7 @@ def test_quantized_bundle_runs_and_reports_parity(variant, tmp_path, precision, 
     out = tmp_path / "q"
     report = _export(ckpt, "all", out, precision, verify=False)
     from emo_edge.export.pipeline import _verify, planning
-    assert report["plan"]["experts_precision"] == precision
+    assert report["plan"]["precision"]["experts"] == precision
     b = Bundle(out)
     toks, speed = b.generate([5, 17, 99], 8, stop_at_eos=False)
     assert len(toks) == 8 and speed["decode_tok_s"] > 0
@@ -86,8 +86,10 @@ def test_quantized_bundle_runs_and_reports_parity(variant, tmp_path, precision, 
     from emo_edge.checkpoint import CheckpointView
     view = CheckpointView(ckpt)
     layers, _ = planning.resolve_pool_layers(view, "all", view.spec)
-    plan = planning.LocalPlan(experts=layers, experts_precision=precision, context=CTX)
-    res = _verify(view, layers, plan, out, planning.load_target("cpu"), False, 2)
+    from emo_edge.plan import make_plan
+    from targets import get_target
+    plan = make_plan(view.spec, layers, None, CTX, "cpu", precision)
+    res = _verify(view, layers, plan, out, get_target("cpu"), False, 2)
     for k in ("top1_agreement", "kl_mean", "ppl_ratio"):
         assert np.isfinite(res[k])
     assert res["top1_agreement"] > 0.5 and res["kl_mean"] < 0.3

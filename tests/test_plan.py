@@ -83,17 +83,21 @@ def test_tied_head_shares_bytes_at_same_precision():
 def test_auto_order_is_most_accurate_first():
     spec = emo14b()
     order = candidates(spec, CPU)
-    assert order[0] == dict.fromkeys(COMPONENTS, "fp16")
+    assert order[0] == dict.fromkeys(COMPONENTS, "fp32")
     assert order[-1] == dict.fromkeys(COMPONENTS, "int4")
-    assert len(order) == 81
-    # the first step down quantizes the least sensitive component
-    assert order[1] == {"attention": "fp16", "experts": "fp16", "embedding": "int8", "lm_head": "fp16"}
+    assert len(order) == 4 ** 4
+    # the first step down touches the least sensitive component
+    assert order[1] == {"attention": "fp32", "experts": "fp32", "embedding": "fp16", "lm_head": "fp32"}
+    # among the float-free plans, the first int8 step is again the least sensitive component
+    no_fp32 = [o for o in order if "fp32" not in o.values()]
+    assert no_fp32[0] == dict.fromkeys(COMPONENTS, "fp16")
+    assert no_fp32[1] == {"attention": "fp16", "experts": "fp16", "embedding": "int8", "lm_head": "fp16"}
 
 
 def test_auto_picks_first_fitting_plan():
     spec = emo14b()
     pool = pool32(spec)
-    assert make_plan(spec, pool, None, 4096).precision["experts"] == "fp16"
+    assert make_plan(spec, pool, None, 4096).precision["experts"] == "fp32"
     int4 = make_plan(spec, pool, None, 4096, precision="int4").bytes["total"]
     plan = make_plan(spec, pool, int4, 4096)
     assert plan.bytes["total"] <= int4 and not plan.trimmed
@@ -157,7 +161,7 @@ def test_explicit_precision_and_errors():
     with pytest.raises(EmoEdgeError, match="unknown component"):
         make_plan(spec, None, None, 64, precision="mlp=int4")
     p = make_plan(spec, None, None, 64, precision="experts=int4")
-    assert p.precision["experts"] == "int4" and p.precision["attention"] == "fp16"
+    assert p.precision["experts"] == "int4" and p.precision["attention"] == "fp32"
     with pytest.raises(EmoEdgeError, match="each token needs"):
         make_plan(spec, [[1, 2]], None, 64)
     with pytest.raises(EmoEdgeError, match="unknown target"):

@@ -28,9 +28,8 @@ def register(cli: click.Group) -> None:
         path = resolve_model(model)
         report = export(path, pools, budget, context, target, precision, Path(out) if out else None, force, verify)
         v = report["verification"]
-        dst = Path(out) if out else None
-        click.echo(f"bundle: {dst or report['name']} ({fmt_bytes(sum(report['sizes'].values()))}, "
-                   f"precision {report['plan']['experts_precision']})")
+        precision_text = ", ".join(f"{c} {p}" for c, p in report["plan"]["precision"].items())
+        click.echo(f"bundle: {report['path']} ({fmt_bytes(sum(report['sizes'].values()))}; {precision_text})")
         if v:
             extra = (f"max|diff| {v['max_abs_diff']:.2e} (tol {v['tolerance']:.2e}), greedy identical "
                      f"{v['greedy_identical']}" if v["mode"] == "fp32" else

@@ -78,12 +78,16 @@ def report_md(report: dict) -> str:
     lines = [f"# emo-edge bundle: {report['name']}", "",
              f"- source checkpoint: `{report['source']['path']}` (identity `{report['source']['identity'][:16]}...`)",
              f"- pools: {', '.join(p['name'] for p in report['pools'])}; target: {report['target']}",
-             f"- precision: attention {plan['attention']}, experts {plan['experts_precision']}, embedding "
-             f"{plan['embedding']}, lm_head {plan['lm_head']}, router fp32; block size {plan['block_size']}",
+             f"- precision: attention {plan['precision']['attention']}, experts {plan['precision']['experts']}, "
+             f"embedding {plan['precision']['embedding']}, lm_head {plan['precision']['lm_head']}, router fp32; "
+             f"block size {plan['block_size']}",
              f"- context: {plan['context']} tokens; budget: "
              f"{fmt_bytes(plan['budget_bytes']) if plan['budget_bytes'] else 'none'}; estimate "
              f"{fmt_bytes(plan['estimated_bytes'])}",
-             f"- experts kept per MoE layer: {report['experts_per_layer']}", "", "## Sizes", ""]
+             f"- experts kept per MoE layer: {report['experts_per_layer']}", "", "## Plan", "", "```",
+             plan.get("table", "").rstrip(), "```"]
+    lines += [f"- note: {n}" for n in plan.get("notes", [])]
+    lines += ["", "## Sizes", ""]
     lines += [f"- `{k}`: {fmt_bytes(b)}" for k, b in report["sizes"].items()]
     lines += ["", "## Verification", ""]
     if not v:

@@ -20,8 +20,11 @@ from ..errors import BundleError, EmoEdgeError
 from ..names import TensorKey
 from ..fsutil import atomic_dir
 from ..units import parse_size
+from ..plan import ExportPlan, format_plan, make_plan
 from . import bundle_writer, planning, weights
 from exporters import onnx as onnx_exporter
+
+PRECISION_ORDER = ("int4", "int8", "fp16", "fp32")  # least precise first
 
 
 class VerificationError(BundleError):
@@ -51,12 +54,25 @@ def default_out(model: Path, pools: str, precision: str) -> Path:
     return Path("bundles") / f"{model.resolve().name}-{tag}-{precision}"
 
 
-def build(view: CheckpointView, plan: planning.LocalPlan, dst: Path, progress: bool) -> dict:
+def plan_label(plan: ExportPlan) -> str:
+    """One word for the bundle name: the common precision, or 'mixed'."""
+    used = {plan.precision[c] for c in ("attention", "experts", "embedding", "lm_head")}
+    return used.pop() if len(used) == 1 else "mixed"
+
+
+def plan_lowest(plan: ExportPlan) -> str:
+    """The least precise component precision: it selects the verification thresholds."""
+    return min((plan.precision[c] for c in ("attention", "experts", "embedding", "lm_head")),
+               key=PRECISION_ORDER.index)
+
+
+def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> dict:
     spec = view.spec
     dims = onnx_exporter.ModelDims(spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers,
                                    spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
                                    spec.norm_topk_prob, plan.context)
-    prec = onnx_exporter.Precision(plan.attention, plan.experts_precision, plan.embedding, plan.lm_head,
+    pr = plan.precision
+    prec = onnx_exporter.Precision(pr["attention"], pr["experts"], pr["embedding"], pr["lm_head"],
                                    plan.block_size, plan.accuracy_level, plan.symmetric, plan.scale_dtype)
     cos, sin = rope_caches(spec, plan.context)
     b = onnx_exporter.DecoderBuilder(dst, dims, prec, cos, sin)
@@ -89,14 +105,18 @@ def export(model: Path, pools: str, budget: str | None, context: int, target: st
     t0 = time.perf_counter()
     view = CheckpointView(model)
     spec = view.spec
-    tgt = planning.load_target(target)
+    from targets import get_target
+
+    tgt = get_target(target)
+    budget_bytes = parse_size(budget, "--budget") if budget else None
     layers, pool_desc = planning.resolve_pool_layers(view, pools, spec)
     if context < 8:
         raise EmoEdgeError(f"--context {context} is too small")
-    plan = planning.make_plan(spec, layers, precision, parse_size(budget, "--budget") if budget else None,
-                              context, tgt, identity=view.identity)
+    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, identity=view.identity)
+    if progress:
+        tqdm.write(format_plan(plan))
     layers = plan.experts  # the planner may have trimmed experts to fit the budget
-    out = Path(out) if out else default_out(model, pools, plan.label)
+    out = Path(out) if out else default_out(model, pools, plan_label(plan))
     if out.exists() and not force:
         raise EmoEdgeError(f"{out}: already exists (use --force to replace it)")
     timings = {}
@@ -115,8 +135,8 @@ def export(model: Path, pools: str, budget: str | None, context: int, target: st
                 result = _verify(view, layers, plan, tmp, tgt, progress, n_verify)
                 timings["verify"] = time.perf_counter() - t
             name = out.name
-            report = {"name": name, "source": {"path": str(model), "identity": view.identity},
-                      "pools": pool_desc, "target": tgt["name"], "plan": plan_summary(plan),
+            report = {"name": name, "path": str(out), "source": {"path": str(model), "identity": view.identity},
+                      "pools": pool_desc, "target": tgt.name, "plan": plan_summary(plan),
                       "experts_per_layer": [None if e is None else len(e) for e in layers],
                       "sizes": sizes, "verification": result, "peak_rss_build_bytes": peak,
                       "timings_s": {**timings, "total": time.perf_counter() - t0}}
@@ -131,21 +151,18 @@ def export(model: Path, pools: str, budget: str | None, context: int, target: st
             bundle_writer.write_manifest(tmp, {
                 "source": report["source"], "pools": pool_desc, "experts": remap, "plan": plan.to_dict(),
                 "precision": plan_summary(plan)["precision"],
-                "target": tgt["name"], "context_length": context})
+                "target": tgt.name, "context_length": context})
     except OSError as exc:
         what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise BundleError(f"{out}: export failed while writing ({what}); nothing was left behind") from None
     return report
 
 
-def plan_summary(plan) -> dict:
-    """The fields report.md shows, whichever planner made the plan."""
-    return {"attention": plan.attention, "experts_precision": plan.experts_precision, "embedding": plan.embedding,
-            "lm_head": plan.lm_head, "block_size": plan.block_size, "context": plan.context,
-            "budget_bytes": plan.budget_bytes, "estimated_bytes": plan.estimated_bytes, "trimmed": plan.trims,
-            "precision": {"attention": plan.attention, "experts": plan.experts_precision,
-                          "embedding": plan.embedding, "lm_head": plan.lm_head, "router": "fp32"},
-            "plan": plan.to_dict()}
+def plan_summary(plan: ExportPlan) -> dict:
+    """The fields report.md shows."""
+    return {"precision": dict(plan.precision), "block_size": plan.block_size, "context": plan.context,
+            "budget_bytes": plan.budget, "estimated_bytes": plan.bytes.get("total", 0), "trimmed": plan.trimmed,
+            "notes": plan.notes, "table": format_plan(plan), "plan": plan.to_dict()}
 
 
 def _verify(view, layers, plan, tmp, tgt, progress, n_verify) -> dict:
@@ -155,9 +172,13 @@ def _verify(view, layers, plan, tmp, tgt, progress, n_verify) -> dict:
     big = spec.vocab_size * spec.hidden_size * spec.num_layers > 2e9 or spec.intermediate_size >= 512
     ref = Reference(view, pool=layers, streaming=big)
     tok = TextTokenizer(tmp / "tokenizer.json")
-    quantized = plan.lowest != "fp32"
-    th = tgt.get("thresholds", {}).get(plan.lowest)
+    lowest = plan_lowest(plan)
+    quantized = lowest != "fp32"
+    th = {METRIC_KEYS[m]: v for m, v in tgt.verify.get(lowest, {}).items() if m in METRIC_KEYS}
     return verify_mod().verify(tmp, ref, tok.encode, quantized, th, n_seq=n_verify, progress=progress)
+
+
+METRIC_KEYS = {"top1_agreement": "top1_min", "kl": "kl_max", "ppl_ratio": "ppl_ratio_max"}
 
 
 def verify_mod():
