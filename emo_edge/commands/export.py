@@ -12,7 +12,8 @@ def register(cli: click.Group) -> None:
     @click.option("--model", "model", default=None, help="Checkpoint directory (default: see resolve_model).")
     @click.option("--pools", required=True, help="Comma-separated pool names or pool JSON files, or 'all'.")
     @click.option("--budget", default=None, help="Bundle weight budget, e.g. 4GB.")
-    @click.option("--context", default=4096, show_default=True, type=int, help="Context length (tokens).")
+    @click.option("--context", type=int, help="Context length in tokens [default: the model's "
+                  "max_position_embeddings, or 4096 when the checkpoint says -1 (unknown)].")
     @click.option("--target", default="cpu", show_default=True, help="Target (cpu, arm64).")
     @click.option("--precision", default="auto", show_default=True,
                   help="auto|fp32|fp16|int8|int4, or per component: experts=int4,attention=int8,...")

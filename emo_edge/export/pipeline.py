@@ -100,7 +100,10 @@ def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> 
     return {"model.onnx": path.stat().st_size, "model.onnx.data": (dst / "model.onnx.data").stat().st_size}
 
 
-def export(model: Path, pools: str, budget: str | None, context: int, target: str, precision: str,
+DEFAULT_CONTEXT = 4096  # when the checkpoint does not know its own (max_position_embeddings: -1)
+
+
+def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
            out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 4) -> dict:
     t0 = time.perf_counter()
     view = CheckpointView(model)
@@ -109,6 +112,8 @@ def export(model: Path, pools: str, budget: str | None, context: int, target: st
 
     tgt = get_target(target)
     budget_bytes = parse_size(budget, "--budget") if budget else None
+    if context is None:
+        context = spec.max_position_embeddings or DEFAULT_CONTEXT
     layers, pool_desc = planning.resolve_pool_layers(view, pools, spec)
     if context < 8:
         raise EmoEdgeError(f"--context {context} is too small")
