@@ -63,6 +63,9 @@ class Bundle:
         import onnxruntime as ort
 
         self.root = Path(root)
+        if verify_files and read_manifest(self.root).get("kind") == "swappable":
+            raise BundleError(f"{self.root}: a swappable bundle (backbone + expert shards); run it with "
+                              f"`emo-edge chat {self.root} --budget ...`")
         if verify_files:
             self.manifest = read_manifest(self.root)
             check_files(self.root, self.manifest)

@@ -11,6 +11,10 @@ from .errors import BundleError
 
 
 def bundle_logits(path: Path, ids: list[int], pool_file: str | None, text: str | None) -> np.ndarray:
+    from .runtime import is_swappable, swappable_logits
+
+    if is_swappable(path):  # --pool: a catalog name or a pool file, made resident by the runtime
+        return swappable_logits(path, pool_file, ids, text)
     b = Bundle(path)
     if pool_file:
         pool_matches(b.manifest, pool_file)

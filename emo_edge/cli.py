@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "emo_edge.commands.run",
     "emo_edge.commands.pools",
     "emo_edge.commands.eval",
+    "emo_edge.commands.chat",
 ]
 
 

@@ -20,13 +20,17 @@ def register(cli: click.Group) -> None:
     @click.option("--out", default=None, help="Bundle directory (default ./bundles/<model>-<pools>-<precision>).")
     @click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Check against the reference.")
-    def export_cmd(model, pools, budget, context, target, precision, out, force, verify):
+    @click.option("--swappable", is_flag=True, help="Backbone + per-expert shards for the pool-swapping runtime "
+                  "(`emo-edge chat`): every pool's experts stored once, loaded on demand.")
+    def export_cmd(model, pools, budget, context, target, precision, out, force, verify, swappable):
         """Export a verified ONNX bundle of the model restricted to the pools' experts."""
         from ..export.pipeline import export
         from ..models import resolve_model
         from ..units import fmt_bytes
 
         path = resolve_model(model)
+        if swappable:
+            from exporters.swappable import export_swappable as export
         report = export(path, pools, budget, context, target, precision, Path(out) if out else None, force, verify)
         v = report["verification"]
         precision_text = ", ".join(f"{c} {p}" for c, p in report["plan"]["precision"].items())

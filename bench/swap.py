@@ -1,0 +1,208 @@
+"""Pool-swapping benchmark: a scripted session alternating pools with generation between swaps, on a swappable
+bundle, under a memory budget that fits one pool but not two.
+
+    nice -n 10 python bench/swap.py BUNDLE [--budget auto|2GB] [--sequence math,code,prose,math,chat,code]
+                                           [--static STATIC_BUNDLE_DIR] [--warm]
+
+Per swap: latency, bytes read, the disk-read floor (bytes read / measured cold sequential read bandwidth of the
+shards, page cache dropped with posix_fadvise before the measurement and before every swap unless --warm),
+experts read / reused from the previous pool / taken from the LRU cache, decode tokens/s of the generation that
+follows, RSS. Summary: swap latency min/median/max, ratio to the floor, reuse rate, peak RSS (VmHWM and a 2 ms
+sampler) against the budget. With --static, the "new InferenceSession per pool" alternative is timed on that
+static bundle in a subprocess (its load time and RSS), for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emo_edge.runtime import SwappableRuntime, peak_rss, reset_peak_rss, rss  # noqa: E402
+from emo_edge.units import parse_size  # noqa: E402
+
+MiB = 1 << 20
+
+
+def drop_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_bandwidth(paths, nbytes: int = 256 * MiB, chunk: int = 4 * MiB) -> float:
+    """Cold sequential read bandwidth (bytes/s) of the shard files, in the runtime's own way (preadv into
+    anonymous memory), page cache dropped first."""
+    drop_cache(paths)
+    buf = np.empty(chunk, np.uint8)
+    done, t0 = 0, time.perf_counter()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            off = 0
+            while done < nbytes:
+                got = os.preadv(fd, [buf.data], off)
+                if got <= 0:
+                    break
+                done += got
+                off += got
+        finally:
+            os.close(fd)
+        if done >= nbytes:
+            break
+    dt = time.perf_counter() - t0
+    drop_cache(paths)
+    return done / dt
+
+
+class Sampler(threading.Thread):
+    def __init__(self, period=0.002):
+        super().__init__(daemon=True)
+        self.period, self.peak, self.stop_flag = period, 0, False
+
+    def run(self):
+        while not self.stop_flag:
+            self.peak = max(self.peak, rss())
+            time.sleep(self.period)
+
+
+def static_alternative(static_dir: str, threads: int | None) -> dict:
+    code = f"""
+import json, time, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from emo_edge.runtime import rss, peak_rss
+import onnxruntime as ort
+so = ort.SessionOptions(); so.log_severity_level = 3
+{'so.intra_op_num_threads = %d' % threads if threads else ''}
+t = time.perf_counter()
+s = ort.InferenceSession({str(Path(static_dir) / 'model.onnx')!r}, so, providers=['CPUExecutionProvider'])
+dt = time.perf_counter() - t
+from emo_edge.bundle import Bundle
+b = Bundle({str(static_dir)!r}, threads={threads!r})
+_, tm = b.generate(list(range(100, 116)), 8, stop_at_eos=False)
+print(json.dumps({{"load_s": dt, "rss": rss(), "peak_rss": peak_rss(), "decode_tok_s": tm["decode_tok_s"]}}))
+"""
+    files = [Path(static_dir) / "model.onnx.data"]
+    drop_cache(files)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr else "failed"}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["bytes"] = sum(p.stat().st_size for p in files)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle")
+    ap.add_argument("--budget", default="auto", help="auto: what one pool needs (+4%%), checked below two pools")
+    ap.add_argument("--sequence", default="math,code,prose,math,chat,code,prose,math")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--warm", action="store_true", help="do not drop the shards from the page cache before swaps")
+    ap.add_argument("--static", default=None, help="static bundle of one pool: time the session-rebuild alternative")
+    ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    a = ap.parse_args(argv)
+
+    rt = SwappableRuntime(a.bundle, budget=None, threads=a.threads, max_tokens=a.prompt_tokens + a.new_tokens + 8)
+    shards = [rt.root / m["shard"] for m in rt.sw["moe"]]
+    seq = [s.strip() for s in a.sequence.split(",") if s.strip()]
+    one = rt.required_bytes()
+    pool_raw = one["pool_raw"]
+    # two pools resident (no transient at all): what a budget "that fits one pool but not two" must stay below
+    two = one["backbone_rss"] + one["kv_cache"] + one["activations"] + 2 * (one["pool_raw"] + one["pool_prepacked"])
+    budget = int(one["total"] * 1.03) if a.budget == "auto" else parse_size(a.budget, "--budget")
+    rt.budget = budget
+    rt._check_budget_fits()
+    bw = disk_bandwidth(shards)
+    print(f"bundle {a.bundle}: backbone RSS {rt.backbone_rss / MiB:.0f} MiB; largest pool {pool_raw / MiB:.0f} MiB raw; "
+          f"one pool needs {one['total'] / MiB:.0f} MiB, two {two / MiB:.0f} MiB; budget {budget / MiB:.0f} MiB "
+          f"({'fits one pool, not two' if one['total'] <= budget < two else 'CHECK'}); cold disk read "
+          f"{bw / 1e6:.0f} MB/s", flush=True)
+
+    rng = np.random.default_rng(0)
+    prompt = [int(x) for x in rng.integers(3, min(rt.vocab_size, 4000), a.prompt_tokens)]
+    reset_peak_rss()
+    sampler = Sampler()
+    sampler.start()
+    rows = []
+    for name in seq:
+        if not a.warm:
+            drop_cache(shards)
+        prev = set(map(tuple, rt.active))
+        st = rt.use(name)
+        pool_size = sum(len(x) for x in rt.active)
+        res = rt.generate(prompt, pool=name, max_new_tokens=a.new_tokens, stop_at_eos=False)
+        floor = st.bytes_read / bw
+        rows.append({"pool": name, "swap_ms": st.seconds * 1e3, "read_ms": st.read_s * 1e3,
+                     "build_ms": st.build_s * 1e3, "MiB_read": st.bytes_read / MiB, "floor_ms": floor * 1e3,
+                     "x_floor": st.seconds / floor if floor else float("nan"), "read": st.experts_read,
+                     "reused": st.experts_reused, "cached": st.experts_from_cache, "pool_experts": pool_size,
+                     "decode_tok_s": res["decode_tok_s"], "rss_MiB": rss() / MiB, "layers": st.layers_rebuilt})
+        r = rows[-1]
+        print(f"  {name:6s} swap {r['swap_ms']:7.0f} ms (reader done {r['read_ms']:6.0f}, builds {r['build_ms']:6.0f}) "
+              f"read {r['MiB_read']:6.0f} MiB ({r['read']:3d} experts, reused {r['reused']:3d}, cache "
+              f"{r['cached']:3d}) floor {r['floor_ms']:6.0f} ms x{r['x_floor']:.2f}  decode "
+              f"{r['decode_tok_s']:5.1f} tok/s  RSS {r['rss_MiB']:.0f} MiB", flush=True)
+    sampler.stop_flag = True
+    sampler.join()
+    hwm = peak_rss()
+    swaps = [r for r in rows[1:]]  # the first load is not a swap
+    lat = np.array([r["swap_ms"] for r in swaps]) if swaps else np.array([np.nan])
+    ratio = np.array([r["x_floor"] for r in swaps if r["MiB_read"] > 0]) if swaps else np.array([np.nan])
+    reuse = np.mean([(r["reused"] + r["cached"]) / r["pool_experts"] for r in swaps]) if swaps else float("nan")
+    summary = {
+        "budget_MiB": budget / MiB, "one_pool_needs_MiB": one["total"] / MiB, "two_pools_need_MiB": two / MiB,
+        "disk_MBps": bw / 1e6, "swap_ms_min": float(lat.min()), "swap_ms_median": float(np.median(lat)),
+        "swap_ms_max": float(lat.max()), "x_floor_median": float(np.median(ratio)) if ratio.size else None,
+        "x_floor_max": float(ratio.max()) if ratio.size else None,
+        "MiB_read_per_swap": float(np.mean([r["MiB_read"] for r in swaps])) if swaps else 0.0,
+        "reuse_rate": float(reuse), "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in rows])),
+        "peak_rss_MiB_hwm": hwm / MiB, "peak_rss_MiB_sampled": sampler.peak / MiB,
+        "under_budget": bool(hwm <= budget and sampler.peak <= budget), "prepack_factor": rt.prepack_factor}
+    rt.close()
+    alt = static_alternative(a.static, a.threads) if a.static else None
+
+    print()
+    print("| metric | value |")
+    print("|---|---|")
+    print(f"| budget / one pool needs / two pools need | {summary['budget_MiB']:.0f} / {summary['one_pool_needs_MiB']:.0f}"
+          f" / {summary['two_pools_need_MiB']:.0f} MiB |")
+    print(f"| swaps (after the first load) | {len(swaps)} |")
+    print(f"| swap latency min / median / max | {summary['swap_ms_min']:.0f} / {summary['swap_ms_median']:.0f} / "
+          f"{summary['swap_ms_max']:.0f} ms |")
+    print(f"| bytes read per swap (mean) | {summary['MiB_read_per_swap']:.0f} MiB |")
+    print(f"| disk read floor: cold bandwidth | {summary['disk_MBps']:.0f} MB/s |")
+    print(f"| swap latency / floor, median / max | {summary['x_floor_median']:.2f} / {summary['x_floor_max']:.2f} |")
+    print(f"| expert reuse rate between pools | {summary['reuse_rate']:.2f} |")
+    print(f"| decode tokens/s (median) | {summary['decode_tok_s_median']:.1f} |")
+    print(f"| peak RSS (VmHWM / 2 ms sampler) vs budget | {summary['peak_rss_MiB_hwm']:.0f} / "
+          f"{summary['peak_rss_MiB_sampled']:.0f} MiB vs {summary['budget_MiB']:.0f} MiB: "
+          f"{'UNDER' if summary['under_budget'] else 'OVER'} |")
+    if alt:
+        if "error" in alt:
+            print(f"| session rebuild (static bundle) | failed: {alt['error']} |")
+        else:
+            print(f"| alternative: new InferenceSession per pool | {alt['load_s'] * 1e3:.0f} ms to load "
+                  f"{alt['bytes'] / MiB:.0f} MiB (whole model), RSS {alt['rss'] / MiB:.0f} MiB; static decode "
+                  f"{alt['decode_tok_s']:.1f} tok/s |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "static_alternative": alt}, indent=1))
+    return 0 if summary["under_budget"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

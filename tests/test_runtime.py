@@ -1,0 +1,200 @@
+"""Swappable bundles and the pool-swapping runtime (issue 6), on a tiny planted checkpoint.
+
+Acceptance pinned here: after any sequence of swaps the logits under pool P equal those of the static bundle
+exported for P (bit for bit, int4 and fp32); a corrupted expert shard is refused naming the expert and layer
+while the runtime keeps serving; a budget below backbone + one pool and a foreign pool are clear errors (exit 2
+in the CLI); `auto` picks the planted pool for in-domain prompts; concurrent requests never see a half-swapped
+pool."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emo_edge.bundle import Bundle
+from emo_edge.errors import BudgetError, BundleError, PoolError
+from emo_edge.export.pipeline import export
+from emo_edge.runtime import SwappableRuntime, swappable_logits
+from emo_edge.synth import PRESETS, digits_doc, letters_doc, synthesize
+from exporters.swappable import export_swappable
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = [5, 17, 99, 3, 250, 7, 8, 9, 300, 41]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("swap")
+    ckpt = d / "ckpt"
+    synthesize(ckpt, PRESETS["tiny"], plant=True)
+    groups = json.loads((ckpt / "synth.json").read_text())["plant"]["groups"]
+    n_layers = len(groups)
+    pools = {}
+    for dom in ("digits", "letters"):
+        p = d / f"{dom}.json"
+        p.write_text(json.dumps({"layers": [groups[str(i)][dom] for i in range(n_layers)]}))
+        pools[dom] = p
+    # a third pool overlapping both
+    mixed = d / "mixed.json"
+    mixed.write_text(json.dumps({"layers": [[groups[str(i)]["digits"][0], groups[str(i)]["letters"][0]]
+                                            for i in range(n_layers)]}))
+    pools["mixed"] = mixed
+    out = {"ckpt": ckpt, "pools": pools, "dir": d}
+    for prec in ("int4", "fp32"):
+        for name, p in pools.items():
+            export(ckpt, str(p), None, 128, "cpu", prec, d / f"static-{name}-{prec}", True, False, progress=False)
+        export_swappable(ckpt, ",".join(str(p) for p in pools.values()), None, 128, "cpu", prec,
+                         d / f"swap-{prec}", True, False, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("prec", ["int4", "fp32"])
+def test_logits_equal_static_after_any_swaps(world, prec):
+    d = world["dir"]
+    static = {n: Bundle(d / f"static-{n}-{prec}").logits(IDS) for n in world["pools"]}
+    rt = SwappableRuntime(d / f"swap-{prec}")
+    seq = ["digits", "letters", "mixed", "digits", "digits", "mixed", "letters", "digits"]
+    reads = []
+    for name in seq:
+        st = rt.use(name)
+        reads.append(st.experts_read)
+        got = rt.logits(IDS)
+        assert np.array_equal(got, static[name]), (name, float(np.abs(got - static[name]).max()))
+    # experts already resident (active or cached) are never read twice
+    assert reads[0] > 0 and sum(reads[3:]) == 0
+    assert rt.swaps[4].noop
+    rt.close()
+
+
+def test_swappable_logits_hook_and_pool_file(world):
+    d = world["dir"]
+    want = Bundle(d / "static-letters-int4").logits(IDS)
+    assert np.array_equal(swappable_logits(d / "swap-int4", "letters", IDS), want)
+    assert np.array_equal(swappable_logits(d / "swap-int4", str(world["pools"]["letters"]), IDS), want)
+    with pytest.raises(PoolError, match="give --pool"):
+        swappable_logits(d / "swap-int4", None, IDS)
+
+
+def test_layout_and_manifest(world):
+    m = json.loads((world["dir"] / "swap-int4" / "manifest.json").read_text())
+    sw = m["swappable"]
+    assert m["kind"] == "swappable" and set(sw["pools"]) == {"digits", "letters", "mixed"}
+    for moe in sw["moe"]:
+        ids = [e["source_id"] for e in moe["experts"]]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)  # overlapping pools: each expert stored once
+        assert all(e["offset"] % 4096 == 0 for e in moe["experts"])
+    assert not (world["dir"] / "swap-int4" / "model.onnx").exists()
+
+
+def _corrupt_copy(world, tmp_path) -> Path:
+    src = world["dir"] / "swap-int4"
+    dst = tmp_path / "bad"
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    moe = m["swappable"]["moe"][1]
+    letters = set(json.loads(world["pools"]["letters"].read_text())["layers"][moe["layer"]])
+    victim = next(e for e in moe["experts"] if e["source_id"] in letters)
+    with open(dst / moe["shard"], "r+b") as f:
+        f.seek(victim["offset"] + 10)
+        b = f.read(1)
+        f.seek(victim["offset"] + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return dst, moe["layer"], victim["source_id"]
+
+
+def test_corrupted_shard_refused_and_runtime_keeps_serving(world, tmp_path):
+    bad, layer, expert = _corrupt_copy(world, tmp_path)
+    rt = SwappableRuntime(bad)
+    rt.use("digits")
+    before = rt.logits(IDS)
+    with pytest.raises(BundleError, match=rf"expert {expert} of layer {layer} fails its sha256"):
+        rt.use("letters")
+    assert rt.active_name == "digits"
+    assert np.array_equal(rt.logits(IDS), before)
+    out = rt.generate(IDS, pool=None, max_new_tokens=3)
+    assert out["pool"] == "digits" and len(out["ids"]) == 3
+    rt.close()
+
+
+def test_cli_errors_exit_2(world, tmp_path):
+    bad, layer, expert = _corrupt_copy(world, tmp_path)
+    cli = [sys.executable, str(ROOT / "cli.py"), "chat"]
+    r = subprocess.run(cli + [str(bad), "--pool", "letters", "--prompt", "hello", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and f"expert {expert} of layer {layer}" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cli + [str(world["dir"] / "swap-int4"), "--budget", "20MB", "--prompt", "hi"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "budget" in r.stderr and "Traceback" not in r.stderr
+    # interactive chat: a bad swap is reported and the chat keeps serving
+    r = subprocess.run(cli + [str(bad), "--pool", "digits", "--max-new-tokens", "2"],
+                       input="1 + 2\n/pool letters\n3 + 4\n/quit\n", capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "fails its sha256" in r.stderr and r.stderr.count("[pool digits") == 2
+
+
+def test_budget_below_backbone_plus_pool(world):
+    with pytest.raises(BudgetError, match="below"):
+        SwappableRuntime(world["dir"] / "swap-int4", budget="60MB")
+
+
+def test_foreign_pool_and_bundle(world, tmp_path):
+    rt = SwappableRuntime(world["dir"] / "swap-int4")
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"layers": [[0, 1, 2]] * 5}))
+    with pytest.raises(PoolError, match="layers"):
+        rt.use(str(bad))
+    rt.close()
+    # a static bundle is not swappable; a segment from another bundle fails its checksum
+    with pytest.raises(BundleError, match="not a swappable bundle"):
+        SwappableRuntime(world["dir"] / "static-digits-int4")
+    mix = tmp_path / "mix"
+    shutil.copytree(world["dir"] / "swap-int4", mix)
+    shutil.copyfile(world["dir"] / "swap-fp32" / "backbone.data", mix / "backbone.data")
+    with pytest.raises(BundleError, match="backbone.data"):
+        SwappableRuntime(mix)
+
+
+def test_auto_picks_planted_pool(world):
+    rt = SwappableRuntime(world["dir"] / "swap-int4")
+    rng = random.Random(3)
+    for dom, make in (("digits", digits_doc), ("letters", letters_doc)):
+        for _ in range(2):
+            res = rt.generate(rt.tokenizer.encode(make(rng))[:60], pool="auto", max_new_tokens=2)
+            assert res["pool"] == dom, res["reason"]
+            assert "coverage" in res["reason"]
+    res = rt.generate(rt.tokenizer.encode(digits_doc(rng))[:60], pool="doc", max_new_tokens=2)
+    assert res["pool"] == "ad-hoc" and "top-N" in res["reason"]
+    rt.close()
+
+
+def test_concurrent_requests_never_see_half_swapped_pool(world):
+    d = world["dir"]
+    static = {n: Bundle(d / f"static-{n}-int4").logits(IDS) for n in ("digits", "letters", "mixed")}
+    rt = SwappableRuntime(d / "swap-int4")
+    errors = []
+
+    def worker(k):
+        try:
+            for j in range(6):
+                name = ("digits", "letters", "mixed")[(k + j) % 3]
+                got = rt.logits(IDS, pool=name)
+                if not np.array_equal(got, static[name]):
+                    errors.append((k, j, name))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    rt.close()
