@@ -72,7 +72,7 @@ def write_checkpoint(
     out: str | Path,
     config: dict,
     shapes: dict[str, tuple[int, ...]],
-    produce: Callable[[str], np.ndarray],
+    produce: Callable[[str], np.ndarray] | None,
     *,
     dtype: str = "bf16",
     shard_size: int | None = None,
@@ -81,7 +81,8 @@ def write_checkpoint(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Path:
     """Write a checkpoint directory. `produce(name)` returns the float32 tensor for `name`, called once each,
-    in `shapes` order."""
+    in `shapes` order; `produce=None` writes a sparse all-zero checkpoint (headers are real; for scale tests of
+    code that must not read weights)."""
     if dtype not in STORE:
         raise EmoEdgeError(f"unknown dtype '{dtype}' (choose from {', '.join(STORE)})")
     out = Path(out)
@@ -106,6 +107,10 @@ def write_checkpoint(
                     handles.clear()
                     f = handles[file] = open(tmp / file, "wb")
                     f.write(_header(shards[files.index(file)], shapes, dtype))
+                if produce is None:  # header-only checkpoint: data left as a sparse hole of zeros
+                    f.seek(int(np.prod(shapes[name], dtype=np.int64)) * STORE[dtype][1], os.SEEK_CUR)
+                    f.truncate()
+                    continue
                 arr = produce(name)
                 if tuple(arr.shape) != tuple(shapes[name]):
                     raise EmoEdgeError(f"tensor '{name}': produced shape {list(arr.shape)}, planned {list(shapes[name])}")

@@ -190,3 +190,28 @@ def test_reader_is_lazy(variant):
     with pytest.raises(CheckpointError, match="no tensor"):
         view.tensor("model.layers.9.mlp.gate.weight")
     assert isinstance(view.raw("model.norm.weight"), np.ndarray)
+
+
+def test_inspect_released_width_is_lazy(tmp_path):
+    """inspect on the real 14B width (2 layers) never reads weights: peak RSS of the process stays under 1 GB.
+    The checkpoint's data is a sparse hole, so reading it would still cost resident pages."""
+    from emo_edge.names import expected_tensors
+    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.writer import write_checkpoint
+
+    config = build_config(PRESETS["emo-14b"], layers=2)
+    shapes = {k.hf_name: s for k, s in expected_tensors(spec_from_config(config)).items()}
+    root = write_checkpoint(tmp_path / "emo14b", config, shapes, None, dtype="bf16", shard_size=2_000_000_000)
+    assert sum(f.stat().st_size for f in root.glob("*.safetensors")) > 3e9
+    import subprocess
+    import sys
+    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, 'cli.py', 'inspect', sys.argv[1]], "
+             "capture_output=True, text=True); print(r.returncode); print(r.stdout); "
+             "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, str(root)], capture_output=True, text=True,
+                         cwd=str(make_variant.__globals__["ROOT"])).stdout
+    assert out.splitlines()[0] == "0", out
+    assert "total 13" not in out  # 2 layers, not 16
+    assert "experts      128 per layer" in out and "top-8" in out
+    maxrss_kb = int(out.split("MAXRSS")[1])
+    assert maxrss_kb < 1024 * 1024, f"inspect peak RSS {maxrss_kb / 1024:.0f} MB"
