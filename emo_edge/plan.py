@@ -203,6 +203,18 @@ def _quantizable(spec: EmoSpec, component: str, p: str, block_size: int) -> bool
     return True
 
 
+MIN_BLOCK = 16  # the smallest block MatMulNBits / QMoE / GatherBlockQuantized take (powers of two)
+
+
+def effective_block_size(spec: EmoSpec, block_size: int) -> int:
+    """The target's block size, or the largest smaller power of two (>= 16) that divides hidden and intermediate
+    sizes (QMoE and GatherBlockQuantized need whole blocks), so odd-sized models can still be quantized."""
+    b = block_size
+    while b > MIN_BLOCK and (spec.hidden_size % b or spec.intermediate_size % b):
+        b //= 2
+    return b
+
+
 def _parse_precision(precision: str | Mapping[str, str]) -> dict[str, str]:
     """'auto' -> {}, 'int4' -> all four, 'experts=int4,attention=int8' or a dict -> those fixed."""
     if isinstance(precision, Mapping):
@@ -288,6 +300,14 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
     from targets import get_target
 
     target = get_target(target)
+    notes: list[str] = []
+    block = effective_block_size(spec, target.block_size)
+    if block != target.block_size:
+        import dataclasses
+
+        notes.append(f"block size {block} instead of the target's {target.block_size}: hidden {spec.hidden_size} / "
+                     f"intermediate {spec.intermediate_size} are not multiples of {target.block_size}")
+        target = dataclasses.replace(target, block_size=block)
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise EmoEdgeError(f"context must be a positive integer, got {context!r}")
     if budget_bytes is not None and budget_bytes <= 0:
@@ -295,7 +315,6 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
     fixed = _parse_precision(precision)
     kept = _normalise_pool(spec, pool_union)
     implicit = [list(layer.implicit_experts) for layer in spec.layers]
-    notes: list[str] = []
     if spec.max_position_embeddings and context > spec.max_position_embeddings:
         notes.append(f"context {context} exceeds the model's max_position_embeddings {spec.max_position_embeddings}")
 

@@ -38,6 +38,8 @@ def register(cli: click.Group) -> None:
         if v:
             extra = (f"max|diff| {v['max_abs_diff']:.2e} (tol {v['tolerance']:.2e}), greedy identical "
                      f"{v['greedy_identical']}" if v["mode"] == "fp32" else
-                     f"top-1 {v['top1_agreement']:.3f}, KL {v['kl_mean']:.4f}, ppl ratio {v['ppl_ratio']:.3f}")
+                     f"top-1 {v['top1_agreement']:.3f} (decisive tokens: "
+                     f"{'-' if v['top1_decisive'] is None else format(v['top1_decisive'], '.3f')} of "
+                     f"{v['decisive_tokens']}), KL {v['kl_mean']:.4f}, ppl ratio {v['ppl_ratio']:.3f}")
             click.echo(f"verification: {'PASS' if v['passed'] else 'FAIL'}: {extra}")
         click.echo(f"export peak RSS (build): {fmt_bytes(report['peak_rss_build_bytes'])}")

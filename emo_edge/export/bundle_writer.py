@@ -95,7 +95,7 @@ def report_md(report: dict) -> str:
     else:
         lines.append(f"- result: **{'PASS' if v['passed'] else 'FAIL'}** ({v['mode']}); {v['sequences']} held-out "
                      f"sequences, {v['tokens']} tokens")
-        for k in ("max_abs_diff", "logit_range", "tolerance", "top1_agreement", "kl_mean", "ppl_ref", "ppl_bundle",
+        for k in ("max_abs_diff", "logit_range", "tolerance", "top1_agreement", "top1_decisive", "decisive_tokens", "kl_mean", "ppl_ref", "ppl_bundle",
                   "ppl_ratio", "greedy_identical", "greedy_tokens"):
             if k in v:
                 lines.append(f"- {k}: {v[k]}")

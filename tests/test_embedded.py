@@ -1,0 +1,48 @@
+"""The embedded models: shipped pool catalogs are what discovery produces now, and the trained EMO keeps a
+domain's quality inside a 25% pool where its standard-MoE twin does not (the project's central claim)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from emo_edge.checkpoint import CheckpointView
+from emo_edge.models import EMBEDDED
+from emo_edge.pools.calib import read_documents
+from emo_edge.pools.catalog import builtin_calib, discover_pool
+from emo_edge.pools.discover import discover, doc_nll, pool_sizes
+from emo_edge.reference import Reference
+from emo_edge.tokenizer import load_tokenizer
+
+MODELS = EMBEDDED.parent
+DATA = Path(__file__).resolve().parents[1] / "emo_edge" / "data"
+
+
+@pytest.mark.parametrize("model", ["emo-tiny", "stdmoe-tiny"])
+def test_shipped_catalog_is_current(model):
+    view = CheckpointView(MODELS / model)
+    shipped = json.loads((MODELS / model / "emo_edge_pools" / "math.json").read_text())
+    fresh = discover_pool(view, "math", [builtin_calib("math")], method="layerwise", fraction=0.25)
+    assert shipped == json.loads(json.dumps(fresh.to_entry()))
+
+
+def _ratio_at_quarter(model: str, domain: str) -> float:
+    root = MODELS / model
+    tok, ref = load_tokenizer(root), Reference(CheckpointView(root))
+    calib, _ = read_documents(DATA / "calib" / f"{domain}.jsonl")
+    heldout, _ = read_documents(DATA / "heldout" / f"{domain}.jsonl")
+    cal = [tok.encode(t)[:512] for t in calib[:5]]
+    ev = [tok.encode(t)[:256] for t in heldout[:12]]
+    pool, _ = discover(ref, cal, "layerwise", pool_sizes(ref.spec, None, 0.25))
+    (nll_full, n, _), (nll_pool, _, _) = doc_nll(ref, ev, [None, pool])
+    return math.exp((nll_pool - nll_full) / n)
+
+
+@pytest.mark.parametrize("domain", ["math", "code"])
+def test_emo_pool_keeps_quality_standard_moe_does_not(domain):
+    emo, std = _ratio_at_quarter("emo-tiny", domain), _ratio_at_quarter("stdmoe-tiny", domain)
+    assert emo < 1.05, emo
+    assert std > 1.15 and std > emo + 0.1, (emo, std)
