@@ -63,3 +63,16 @@ def run_cli(*args: str, env: dict | None = None):
 
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=str(ROOT))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_catalog(tmp_path_factory):
+    """Pools discovered by tests go to a temporary catalog, never the user's ~/.cache/emo-edge."""
+    home = tmp_path_factory.mktemp("emo-edge-home")
+    old = os.environ.get("EMO_EDGE_HOME")
+    os.environ["EMO_EDGE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("EMO_EDGE_HOME", None)
+    else:
+        os.environ["EMO_EDGE_HOME"] = old
