@@ -85,7 +85,7 @@ def test_quantized_bundle_runs_and_reports_parity(variant, tmp_path, precision, 
     # parity stats against the fp32 reference
     from emo_edge.checkpoint import CheckpointView
     view = CheckpointView(ckpt)
-    layers, _ = planning.resolve_pool_layers(view, "all", view.spec)
+    layers, _, _ = planning.resolve_pool_layers(view, "all", view.spec)
     from emo_edge.plan import make_plan
     from targets import get_target
     plan = make_plan(view.spec, layers, None, CTX, "cpu", precision)

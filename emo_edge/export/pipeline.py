@@ -114,10 +114,11 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
     budget_bytes = parse_size(budget, "--budget") if budget else None
     if context is None:
         context = spec.max_position_embeddings or DEFAULT_CONTEXT
-    layers, pool_desc = planning.resolve_pool_layers(view, pools, spec)
+    layers, pool_desc, scores = planning.resolve_pool_layers(view, pools, spec)
     if context < 8:
         raise EmoEdgeError(f"--context {context} is too small")
-    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, identity=view.identity)
+    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, expert_scores=scores,
+                     identity=view.identity)
     if progress:
         tqdm.write(format_plan(plan))
     layers = plan.experts  # the planner may have trimmed experts to fit the budget

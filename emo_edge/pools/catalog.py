@@ -203,6 +203,22 @@ def discover_pool(view: CheckpointView, name: str, calib_files: Sequence[str | P
                 calibration=cal.provenance(), stats=stats, origin="discovered")
 
 
+def ship_builtin_pools(checkpoint: str | Path) -> list[Path]:
+    """(Re)write the read-only catalog shipped beside a checkpoint (`CKPT/emo_edge_pools/`) with the built-in
+    domains' default pools, exactly as first-use discovery would produce them."""
+    from ..fsutil import atomic_write
+
+    view = CheckpointView(checkpoint)
+    out_dir = Path(checkpoint) / SHIPPED_DIR
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    for domain in BUILTIN_DOMAINS:
+        pool = discover_pool(view, builtin_entry_name(domain, None), [builtin_calib(domain)],
+                             method=DEFAULT_METHOD, fraction=DEFAULT_FRACTION)
+        written.append(atomic_write(out_dir / f"{pool.name}.json", pool.entry_json()))
+    return written
+
+
 def builtin_calib(domain: str) -> Path:
     path = BUILTIN_CALIB / f"{domain}.jsonl"
     if not path.is_file():

@@ -152,6 +152,10 @@ class _Stats:
         out = {"routed": len(routed), "kept": len(kept), "coverage": share(self.mass), "topk_hit": share(self.hits)}
         if method == "easy-ep":
             out["score_coverage"] = share(self.easy)
+        # each kept expert's share of the selection score: what the planner trims by (lowest first)
+        score = self.easy if method == "easy-ep" else self.mass
+        total = float(score[routed].sum()) or 1.0
+        out["scores"] = {str(e): r(score[e] / total) for e in kept}
         return out
 
 

@@ -76,6 +76,12 @@ def main(argv=None) -> int:
                 results[k] = json.loads(res.read_text())
         if bad:
             return 1
+    if not args.quick:  # the embedded models ship their built-in pools (emo-edge reads them read-only)
+        from ..pools.catalog import ship_builtin_pools
+
+        for k in kinds:
+            for path in ship_builtin_pools(args.out / MODEL_NAMES[k]):
+                _log(f"shipped pool {path}")
     for k, r in results.items():
         _log(f"{r['name']}: train ce {r['final_train_ce']:.4f}, held-out " +
              " ".join(f"{n} {v:.3f}" for n, v in r["final_heldout"].items()))
