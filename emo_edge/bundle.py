@@ -29,13 +29,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def read_manifest(root: Path) -> dict:
+    from .fsutil import read_json
+
     path = root / MANIFEST
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{root}: not a bundle ({MANIFEST} missing)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    m = read_json(path, BundleError, f"missing: {root} is not a bundle")
     if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION or not isinstance(m.get("files"), dict):
         raise BundleError(f"{path}: unsupported manifest (schema_version {m.get('schema_version')!r}, expected "
                           f"{SCHEMA_VERSION})" if isinstance(m, dict) else f"{path}: not a manifest")
@@ -54,6 +51,24 @@ def check_files(root: Path, manifest: dict) -> None:
             raise BundleError(f"{p}: has {p.stat().st_size} bytes, manifest says {entry.get('bytes')} (corrupted)")
         if sha256_file(p) != entry.get("sha256"):
             raise BundleError(f"{p}: sha256 mismatch (corrupted or modified)")
+
+
+def decoder_feed(ids: Sequence[int], cache: list[np.ndarray], context: int, vocab_size: int,
+                 n_layers: int) -> dict[str, np.ndarray]:
+    """The genai-style decoder inputs for new tokens `ids` after the cached past (2*layers arrays)."""
+    ids = np.asarray(ids, np.int64).reshape(1, -1)
+    past = cache[0].shape[2]
+    total = past + ids.shape[1]
+    if total > context:
+        raise BundleError(f"sequence of {total} tokens exceeds the bundle's context length {context}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise BundleError(f"token id outside the vocabulary [0, {vocab_size})")
+    feed = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(past, total, dtype=np.int64)[None]}
+    for i in range(n_layers):
+        feed[f"past_key_values.{i}.key"] = cache[2 * i]
+        feed[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+    return feed
 
 
 class Bundle:
@@ -106,18 +121,7 @@ class Bundle:
 
     def forward(self, ids: Sequence[int], cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids: new tokens of one sequence; cache: 2*layers arrays (past). Returns (logits (S, V), new cache)."""
-        ids = np.asarray(ids, np.int64).reshape(1, -1)
-        past = cache[0].shape[2]
-        total = past + ids.shape[1]
-        if total > self.context:
-            raise BundleError(f"sequence of {total} tokens exceeds the bundle's context length {self.context}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise BundleError(f"token id outside the vocabulary [0, {self.vocab_size})")
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": np.arange(past, total, dtype=np.int64)[None]}
-        for i in range(self.n_layers):
-            feed[f"past_key_values.{i}.key"] = cache[2 * i]
-            feed[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        feed = decoder_feed(ids, cache, self.context, self.vocab_size, self.n_layers)
         outs = self.session.run(None, feed)
         return outs[0][0], outs[1:]
 

@@ -10,6 +10,21 @@ from pathlib import Path
 from .errors import EmoEdgeError
 
 
+def read_json(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found"):
+    """Parse a JSON file; any failure is `error` with a one-line message naming the file."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
     if not path.parent.is_dir():

@@ -36,14 +36,9 @@ def parse_pool(data, spec: EmoSpec, where: str) -> list[list[int] | None]:
 
 
 def read_pool_file(path: str | Path, spec: EmoSpec) -> list[list[int] | None]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PoolError(f"{path}: pool file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PoolError(f"{path}: not valid JSON ({exc})") from None
-    return parse_pool(data, spec, str(path))
+    from .fsutil import read_json
+
+    return parse_pool(read_json(path, PoolError, "pool file not found"), spec, str(path))
 
 
 def pool_json(layers: list[list[int] | None]) -> str:

@@ -241,15 +241,10 @@ def _looks_like_file(item: str) -> bool:
 
 def load_pool_path(path: str | Path, view: CheckpointView) -> Pool:
     """A pool from a file: a catalog entry (identity checked) or a bare {"layers": [...]} pool file."""
+    from ..fsutil import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PoolError(f"{path}: pool file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PoolError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise PoolError(f"{path}: cannot read ({exc.strerror})") from None
+    data = read_json(path, PoolError, "pool file not found")
     if isinstance(data, dict) and "format" in data:
         ident = (data.get("checkpoint") or {}).get("identity")
         if ident != view.identity:

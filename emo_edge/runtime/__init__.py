@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import BudgetError, BundleError, EmoEdgeError, PoolError
+from ..bundle import decoder_feed
 
 MANIFEST = "manifest.json"
 MB = 1 << 20
@@ -625,18 +626,7 @@ class SwappableRuntime:
         return [z] * (2 * self.n_layers)
 
     def _forward(self, ids, cache, probe: list | None = None):
-        ids = np.asarray(ids, np.int64).reshape(1, -1)
-        past = cache[0].shape[2]
-        total = past + ids.shape[1]
-        if total > self.context:
-            raise BundleError(f"sequence of {total} tokens exceeds the bundle's context length {self.context}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise BundleError(f"token id outside the vocabulary [0, {self.vocab_size})")
-        env = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-               "position_ids": np.arange(past, total, dtype=np.int64)[None]}
-        for i in range(self.n_layers):
-            env[f"past_key_values.{i}.key"] = cache[2 * i]
-            env[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        env = decoder_feed(ids, cache, self.context, self.vocab_size, self.n_layers)
         for s, (sess, ins, outs) in enumerate(self.segments):
             res = sess.run(outs, {k: env[k] for k in ins})
             env.update(zip(outs, res))
