@@ -114,8 +114,11 @@ class WeightMaker:
         self.keys = {key.hf_name: key for key in by_name}
         self.shapes = {key.hf_name: shape for key, shape in by_name.items()}
         if plant:
-            d = np.linalg.qr(_rng(seed, "plant-directions").standard_normal((spec.hidden_size, 2)))[0]
-            self.directions = d.T.astype(np.float32)  # (2, H) orthonormal
+            d = np.linalg.qr(_rng(seed, "plant-directions").standard_normal((spec.hidden_size, 4)))[0].T
+            self.directions = d[:2].astype(np.float32)  # (2, H) orthonormal: where a domain's tokens point
+            self.outputs = d[2:].astype(np.float32)  # (2, H): what a domain's experts write, the head reads
+            self.expert_domain = {(int(layer), e): dom for layer, groups in plant["groups"].items()
+                                  for dom, ids in groups.items() for e in ids}
 
     def __call__(self, name: str) -> np.ndarray:
         key, shape = self.keys[name], self.shapes[name]
@@ -130,13 +133,15 @@ class WeightMaker:
         if role == "embed":
             return self._embed(normal)
         if role == "lm_head":
-            return normal(1.0 / np.sqrt(H))
+            return self._head(normal) if self.plant else normal(1.0 / np.sqrt(H))
         if role in ("q", "k", "v"):
             return normal(1.0 / np.sqrt(H))
         if role == "o":
             return normal(0.3 / np.sqrt(shape[1]))
         if role == "router":
             return self._router(key, normal)
+        if self.plant and (key.layer, key.expert) in self.expert_domain:
+            return self._planted_expert(key, normal)
         if role in ("expert_gate", "expert_up", "dense_gate", "dense_up"):
             return normal(1.0 / np.sqrt(H))
         if role in ("expert_down", "dense_down"):
@@ -151,6 +156,26 @@ class WeightMaker:
         for d, domain in enumerate(PLANT_DOMAINS):
             ids = np.asarray(self.plant["tokens"][domain], dtype=np.int64)
             w[ids] += scale * self.directions[d]
+        return w
+
+    def _planted_expert(self, key: TensorKey, normal) -> np.ndarray:
+        """A planted domain's expert fires on its domain's tokens (gate and up read the domain's token direction)
+        and writes the domain's output direction, which the head reads back for that domain's tokens: the model
+        predicts in-domain tokens through its own experts, so routing to the wrong pool really costs perplexity."""
+        H, I = self.spec.hidden_size, self.spec.intermediate_size
+        d = PLANT_DOMAINS.index(self.expert_domain[(key.layer, key.expert)])
+        if key.role in ("expert_gate", "expert_up"):
+            w = normal(0.5 / np.sqrt(H))
+            return w + np.float32(2.5 / np.sqrt(H)) * np.ones((I, 1), np.float32) * self.directions[d]
+        w = normal(0.5 / np.sqrt(I))
+        return w + np.float32(0.4 * np.sqrt(H) / I) * self.outputs[d][:, None] * np.ones((1, I), np.float32)
+
+    def _head(self, normal) -> np.ndarray:
+        H = self.spec.hidden_size
+        w = normal(1.0 / np.sqrt(H))
+        for d, domain in enumerate(PLANT_DOMAINS):
+            ids = np.asarray(self.plant["tokens"][domain], dtype=np.int64)
+            w[ids] += np.float32(6.0 / np.sqrt(H)) * self.outputs[d]
         return w
 
     def _router(self, key: TensorKey, normal) -> np.ndarray:

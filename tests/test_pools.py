@@ -132,8 +132,9 @@ def test_eval_right_vs_wrong_and_sweep(planted, tmp_path):
         assert r.returncode == 0, r.stderr
         line = [x for x in r.stdout.splitlines() if x.startswith("ratio")][0]
         ratios[dom] = (float(line.split()[2]), float(line.split("pool ")[1].split()[0]))
-    assert abs(ratios["digits"][0] - 1) < 0.02, ratios
-    assert ratios["letters"][1] > 4 * ratios["digits"][1], ratios  # KL: the wrong pool moves the model far more
+    assert abs(ratios["digits"][0] - 1) < 0.02, ratios  # the right pool keeps in-domain perplexity
+    assert ratios["letters"][0] > 1.5, ratios  # the wrong pool is clearly worse
+    assert ratios["letters"][1] > 100 * ratios["digits"][1], ratios  # and moves the distribution far more
     png = tmp_path / "ret.png"
     r = invoke("eval", str(ckpt), "--pool", "digits", "--calib", str(files["digits"]), "--text",
                 str(files["digits-heldout"]), "--sweep", "0.5,0.25", "--plot", str(png))
