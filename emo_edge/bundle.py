@@ -53,6 +53,9 @@ def check_files(root: Path, manifest: dict) -> None:
             raise BundleError(f"{p}: sha256 mismatch (corrupted or modified)")
 
 
+PREFILL_CHUNK = 256  # tokens per prefill step; targets/*.json overhead formulas assume it
+
+
 def decoder_feed(ids: Sequence[int], cache: list[np.ndarray], context: int, vocab_size: int,
                  n_layers: int) -> dict[str, np.ndarray]:
     """The genai-style decoder inputs for new tokens `ids` after the cached past (2*layers arrays)."""
@@ -128,13 +131,23 @@ class Bundle:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return self.forward(ids, self.empty_cache())[0].astype(np.float32)
 
+    def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the prompt in chunks of at most PREFILL_CHUNK tokens (bounds the activations and the [T, vocab]
+        logits, as the planner's overhead formula assumes). Returns (last chunk's logits, cache)."""
+        if not len(ids):
+            raise BundleError("empty prompt: nothing to run")
+        cache = self.empty_cache()
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits, cache = self.forward(ids[start:start + PREFILL_CHUNK], cache)
+        return logits, cache
+
     def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_at_eos: bool = True,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], dict]:
         """Greedy (temperature 0) or nucleus sampling. Returns (new ids, timings)."""
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        logits, cache = self.forward(ids, self.empty_cache())
+        logits, cache = self.prefill(ids)
         t_prefill = time.perf_counter() - t0
         out: list[int] = []
         t1 = time.perf_counter()

@@ -92,3 +92,19 @@ def test_onnxruntime_genai_runs_bundle_unchanged(bundle_dir):
     seq = [int(t) for t in g.get_sequence(0)]
     ours, _ = Bundle(bundle_dir).generate(ids, len(seq) - len(ids), stop_at_eos=False)
     assert seq == ids + ours
+
+
+def test_chunked_prefill_equals_one_shot(bundle_dir, monkeypatch):
+    import emo_edge.bundle as bundle_mod
+    from emo_edge.bundle import Bundle
+
+    b = Bundle(bundle_dir)
+    prompt = [5, 17, 99, 3, 250, 42, 7, 11, 300, 2]
+    one_shot, _ = b.forward(prompt, b.empty_cache())
+    monkeypatch.setattr(bundle_mod, "PREFILL_CHUNK", 3)
+    chunked, cache = b.prefill(prompt)
+    assert cache[0].shape[2] == len(prompt)
+    np.testing.assert_allclose(chunked[-1], one_shot[-1], rtol=0, atol=1e-4 * np.abs(one_shot).max())
+    gen_chunked = b.generate(prompt, 8, stop_at_eos=False)[0]
+    monkeypatch.setattr(bundle_mod, "PREFILL_CHUNK", 256)
+    assert gen_chunked == b.generate(prompt, 8, stop_at_eos=False)[0]
