@@ -104,7 +104,7 @@ DEFAULT_CONTEXT = 4096  # when the checkpoint does not know its own (max_positio
 
 
 def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
-           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 4) -> dict:
+           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 8) -> dict:
     t0 = time.perf_counter()
     view = CheckpointView(model)
     spec = view.spec

@@ -49,7 +49,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def verify(bundle_dir: Path, reference, tokenize, quantized: bool, thresholds: dict | None, n_seq: int = 4,
-           length: int = 32, greedy_tokens: int = 32, threads: int | None = None, progress: bool = True) -> dict:
+           length: int = 64, greedy_tokens: int = 32, threads: int | None = None, progress: bool = True) -> dict:
     import torch
 
     b = Bundle(bundle_dir, threads=threads, verify_files=False)
