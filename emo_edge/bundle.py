@@ -149,23 +149,32 @@ class Bundle:
         t0 = time.perf_counter()
         logits, cache = self.prefill(ids)
         t_prefill = time.perf_counter() - t0
-        out: list[int] = []
         t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            nxt = sample(logits[-1], temperature, top_p, rng)
-            out.append(nxt)
-            if on_token:
-                on_token(nxt)
-            if (stop_at_eos and self.eos is not None and nxt == self.eos) or step == max_new_tokens - 1 \
-                    or len(ids) + len(out) >= self.context:
-                break
-            logits, cache = self.forward([nxt], cache)
+        out = decode_loop(self.forward, logits, cache, min(max_new_tokens, self.context - len(ids)), temperature,
+                          top_p, rng, self.eos if stop_at_eos else None, on_token)
         t_decode = time.perf_counter() - t1
         n_dec = max(len(out) - 1, 0)
         return out, {"prefill_tokens": len(ids), "prefill_s": t_prefill,
                      "prefill_tok_s": len(ids) / t_prefill if t_prefill > 0 else 0.0,
                      "decode_tokens": n_dec, "decode_s": t_decode,
                      "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0}
+
+
+def decode_loop(forward: Callable, logits: np.ndarray, cache: list, max_new_tokens: int, temperature: float,
+                top_p: float, rng: np.random.Generator, eos: int | None,
+                on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Sample up to `max_new_tokens` after a prefill (`logits` of its last step), feeding each token back
+    through `forward(ids, cache) -> (logits, cache)`; stops after `eos` when given."""
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        nxt = sample(logits[-1], temperature, top_p, rng)
+        out.append(nxt)
+        if on_token:
+            on_token(nxt)
+        if (eos is not None and nxt == eos) or step == max_new_tokens - 1:
+            break
+        logits, cache = forward([nxt], cache)
+    return out
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -731,7 +731,7 @@ class SwappableRuntime:
     def generate(self, prompt: str | Sequence[int], pool="auto", max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                  on_token: Callable[[int], None] | None = None) -> dict:
-        from ..bundle import sample
+        from ..bundle import decode_loop
 
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -754,16 +754,9 @@ class SwappableRuntime:
             for a in range(0, len(ids), self.prefill_chunk):
                 logits, cache = self._forward(ids[a:a + self.prefill_chunk], cache)
             t_prefill = time.perf_counter() - t0
-            out: list[int] = []
             t1 = time.perf_counter()
-            for step in range(max_new_tokens):
-                nxt = sample(logits[-1], temperature, top_p, rng)
-                out.append(nxt)
-                if on_token:
-                    on_token(nxt)
-                if (stop_at_eos and self.eos is not None and nxt == self.eos) or step == max_new_tokens - 1:
-                    break
-                logits, cache = self._forward([nxt], cache)
+            out = decode_loop(self._forward, logits, cache, max_new_tokens, temperature, top_p, rng,
+                              self.eos if stop_at_eos else None, on_token)
             t_decode = time.perf_counter() - t1
         finally:
             self._lock.release_read()
