@@ -151,6 +151,22 @@ def test_refuses_existing_unknown_and_corrupt(cli_bundle, tmp_path):
     assert r.returncode == 2 and ("sha256" in r.stderr or "bytes" in r.stderr)
 
 
+def test_budget_unparsable_or_too_small_writes_nothing(variant, tmp_path):
+    ckpt = variant("shared1")
+    r = run_cli("export", "--model", str(ckpt), "--pools", "all", "--budget", "4XB", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "'4XB'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("export", "--model", str(ckpt), "--pools", "all", "--budget", "1KB", "--context", str(CTX),
+                "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "cannot hold the minimum model" in r.stderr and "Traceback" not in r.stderr
+    # the message states the minimum; a budget of exactly that minimum is accepted
+    minimum = int(r.stderr.split("minimum model: ")[1].split("(")[1].split(" bytes")[0])
+    r = run_cli("export", "--model", str(ckpt), "--pools", "all", "--budget", str(minimum), "--context", str(CTX),
+                "--no-verify", "--out", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_force_replaces(cli_bundle, tmp_path, variant):
     ckpt = variant("topk")
     out = tmp_path / "f"
