@@ -35,3 +35,15 @@ def fmt_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+def parse_int_list(text: str, option: str, error: type[EmoEdgeError] = EmoEdgeError,
+                   allow_empty: bool = False) -> list[int]:
+    """'5,17,99' -> [5, 17, 99]; a one-line error naming the option otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise error(f"{option} '{text}' must be comma-separated integers") from None
+    if not values and not allow_empty:
+        raise error(f"{option} is empty")
+    return values

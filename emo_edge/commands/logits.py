@@ -10,16 +10,11 @@ import numpy as np
 
 from ..errors import EmoEdgeError
 from ..fsutil import atomic_write
+from ..units import parse_int_list
 
 
 def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise EmoEdgeError(f"--ids '{text}' must be comma-separated integers") from None
-    if not ids:
-        raise EmoEdgeError("--ids is empty")
-    return ids
+    return parse_int_list(text, "--ids")
 
 
 def checkpoint_logits(path: Path, ids: list[int], pool_file: str | None, text: str | None) -> np.ndarray:

@@ -23,12 +23,9 @@ def _view(model):
 def _experts_opt(text: str | None):
     if text is None:
         return None
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PoolError(f"--experts '{text}' must be an integer or a comma-separated list of integers") from None
-    if not values:
-        raise PoolError("--experts is empty")
+    from ..units import parse_int_list
+
+    values = parse_int_list(text, "--experts", PoolError)
     return values[0] if len(values) == 1 and "," not in text else values
 
 

@@ -8,16 +8,11 @@ import click
 
 from ..errors import EmoEdgeError
 from ..synth import PRESETS, synthesize, with_layers
-from ..units import parse_size
+from ..units import parse_int_list, parse_size
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip() != ""]
-    except ValueError:
-        raise EmoEdgeError(f"{what} '{text}' must be a comma-separated list of integers") from None
+    return None if text is None else parse_int_list(text, what, allow_empty=True)
 
 
 def _nested_list(text: str | None, what: str) -> list[list[int]] | None:
