@@ -9,6 +9,7 @@ pool."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from emo_edge.bundle import Bundle
 from emo_edge.errors import BudgetError, BundleError, PoolError
 from emo_edge.export.pipeline import export
-from emo_edge.runtime import SwappableRuntime, swappable_logits
+from emo_edge.runtime import SwappableRuntime, mapped, swappable_logits
 from emo_edge.synth import PRESETS, digits_doc, letters_doc, synthesize
 from exporters.swappable import export_swappable
 
@@ -56,11 +57,12 @@ def world(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("prec", ["int4", "fp32"])
-def test_logits_equal_static_after_any_swaps(world, prec):
+@pytest.mark.parametrize("prec,mechanism", [("int4", "mapped"), ("int4", "rebuild"), ("fp32", "auto")])
+def test_logits_equal_static_after_any_swaps(world, prec, mechanism):
     d = world["dir"]
     static = {n: Bundle(d / f"static-{n}-{prec}").logits(IDS) for n in world["pools"]}
-    rt = SwappableRuntime(d / f"swap-{prec}")
+    rt = SwappableRuntime(d / f"swap-{prec}", mechanism=mechanism)
+    assert rt.mechanism == {"int4": mechanism, "fp32": "rebuild"}[prec]
     seq = ["digits", "letters", "mixed", "digits", "digits", "mixed", "letters", "digits"]
     reads = []
     for name in seq:
@@ -111,8 +113,9 @@ def _corrupt_copy(world, tmp_path) -> Path:
 
 
 def test_corrupted_shard_refused_and_runtime_keeps_serving(world, tmp_path):
+    """Rebuild mechanism (per-pool sessions read from the shards): the swap is refused, the old pool serves."""
     bad, layer, expert = _corrupt_copy(world, tmp_path)
-    rt = SwappableRuntime(bad)
+    rt = SwappableRuntime(bad, mechanism="rebuild")
     rt.use("digits")
     before = rt.logits(IDS)
     with pytest.raises(BundleError, match=rf"expert {expert} of layer {layer} fails its sha256"):
@@ -124,18 +127,87 @@ def test_corrupted_shard_refused_and_runtime_keeps_serving(world, tmp_path):
     rt.close()
 
 
+def test_corrupted_shard_refused_when_preparing(world, tmp_path, monkeypatch):
+    """Mapped mechanism: the shards are read (and verified) when the per-machine store is prepared; a bad record
+    names the expert and layer and leaves no store behind."""
+    bad, layer, expert = _corrupt_copy(world, tmp_path)
+    monkeypatch.setenv("EMO_EDGE_HOME", str(tmp_path / "home"))
+    with pytest.raises(BundleError, match=rf"expert {expert} of layer {layer} fails its sha256"):
+        SwappableRuntime(bad, mechanism="mapped")
+    store = mapped.store_dir(bad)
+    assert not store.exists() and not (store.parent.exists() and any(store.parent.iterdir()))
+
+
+def _file_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path` (smaps)."""
+    want, total, inside = str(Path(path).resolve()), 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and all(c in "0123456789abcdef-" for c in head[0]):
+            inside = len(head) == 6 and head[5].strip() == want
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_mapped_store_corruption_refused_and_residency(world, tmp_path, monkeypatch):
+    """Mapped mechanism: only the active (and cached) experts' pages are resident; evicted ones leave memory; an
+    expert whose prepared bytes fail their sha256 on load aborts the swap and the old pool keeps serving."""
+    monkeypatch.setenv("EMO_EDGE_HOME", str(tmp_path / "home"))
+    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
+    assert rt.mechanism == "mapped"
+    L = rt.layers[1]
+    ml = L.mapped
+    assert _file_rss(ml.data_path) == 0  # opening drops every page onnxruntime touched
+    rt.use("digits")
+    before = rt.logits(IDS)
+    pages = sum(ml.resident_bytes(e) for e in ml.resident)
+    assert ml.resident == {L.pos[s] for s in L.active}
+    # running touches nothing outside the pool's pages but the router's and the kernels' small metadata
+    assert pages <= _file_rss(ml.data_path) <= pages + 64 * 1024
+    # evicting really frees the pages
+    for e in list(ml.resident):
+        ml.evict(e)
+        rt.lru.pop((1, e), None)
+    assert _file_rss(ml.data_path) <= 64 * 1024
+    rt.use("mixed")
+    rt.use("digits")
+    assert np.array_equal(rt.logits(IDS), before)
+    # corrupt one letters expert that is not resident, in the prepared store
+    letters = set(json.loads(world["pools"]["letters"].read_text())["layers"][L.layer])
+    victim = next(s for s in sorted(letters) if L.pos[s] not in ml.resident)
+    (a, _), _ = ml.ranges(L.pos[victim])
+    with open(ml.data_path, "r+b") as f:
+        f.seek(a + 3)
+        byte = f.read(1)
+        f.seek(a + 3)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    with pytest.raises(BundleError, match=rf"expert {victim} of layer {L.layer} fails its sha256"):
+        rt.use("letters")
+    assert rt.active_name == "digits" and L.pos[victim] not in ml.resident
+    assert np.array_equal(rt.logits(IDS), before)
+    assert rt.generate(IDS, pool=None, max_new_tokens=3)["pool"] == "digits"
+    rt.close()
+    # the next open finds the store stale (onnxruntime's own validation) and prepares it again
+    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
+    assert np.array_equal(rt.logits(IDS, pool="letters"), Bundle(world["dir"] / "static-letters-int4").logits(IDS))
+    rt.close()
+
+
 def test_cli_errors_exit_2(world, tmp_path):
     bad, layer, expert = _corrupt_copy(world, tmp_path)
     cli = [sys.executable, str(ROOT / "cli.py"), "chat"]
+    env = dict(os.environ, EMO_EDGE_HOME=str(tmp_path / "home"))
     r = subprocess.run(cli + [str(bad), "--pool", "letters", "--prompt", "hello", "--max-new-tokens", "2"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 2 and f"expert {expert} of layer {layer}" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cli + [str(world["dir"] / "swap-int4"), "--budget", "20MB", "--prompt", "hi"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 2 and "budget" in r.stderr and "Traceback" not in r.stderr
-    # interactive chat: a bad swap is reported and the chat keeps serving
+    # interactive chat: a bad swap is reported and the chat keeps serving (rebuild mechanism: swaps read shards)
     r = subprocess.run(cli + [str(bad), "--pool", "digits", "--max-new-tokens", "2"],
-                       input="1 + 2\n/pool letters\n3 + 4\n/quit\n", capture_output=True, text=True, cwd=ROOT)
+                       input="1 + 2\n/pool letters\n3 + 4\n/quit\n", capture_output=True, text=True, cwd=ROOT,
+                       env=dict(env, EMO_EDGE_SWAP="rebuild"))
     assert r.returncode == 0, r.stderr
     assert "fails its sha256" in r.stderr and r.stderr.count("[pool digits") == 2
 

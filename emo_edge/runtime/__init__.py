@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import BudgetError, BundleError, EmoEdgeError, PoolError
 from ..bundle import decoder_feed
+from .mapped import MASK, POOL_IDX
 
 MANIFEST = "manifest.json"
 MB = 1 << 20
@@ -166,6 +167,9 @@ class MoELayer:
     router_T: np.ndarray | None = None
     ortvalues: list = field(default_factory=list)
     session: object = None
+    mapped: object = None  # mapped.MappedLayer in the mapped mechanism
+    pool_idx: np.ndarray | None = None  # mapped: union positions of the active pool (ascending)
+    mask: np.ndarray | None = None  # mapped: 0 on the active pool, -inf elsewhere
 
     @property
     def rec_bytes(self) -> int:
@@ -189,6 +193,10 @@ class SwapStats:
         return dict(self.__dict__)
 
 
+class _StaleStore(Exception):
+    """The prepared store does not fit this bundle, onnxruntime or CPU: prepare it again."""
+
+
 def _bundle_pool_error(name: str, known: Sequence[str]) -> PoolError:
     return PoolError(f"pool '{name}' is not in this swappable bundle (pools: {', '.join(known)}; or 'auto', "
                      f"'doc', a pool JSON file)")
@@ -201,7 +209,7 @@ class SwappableRuntime:
 
     def __init__(self, root: str | Path, budget: str | int | None = None, threads: int | None = None,
                  max_tokens: int = 512, prefill_chunk: int = 64, check_backbone: bool = True,
-                 cache_experts: bool = True):
+                 cache_experts: bool = True, mechanism: str | None = None, progress: Callable | None = None):
         import onnx
         import onnxruntime as ort
 
@@ -270,8 +278,282 @@ class SwappableRuntime:
         self.hash_in_thread = os.environ.get("EMO_EDGE_HASH_THREAD") == "1"
         self.prepack_factor = self.PREPACK_FACTOR
         self.swaps: list[SwapStats] = []
+        self.startup_peak = 0
+        self.lru: OrderedDict[tuple[int, int], bool] = OrderedDict()  # mapped: resident (m, union position)
+        self._load_pool = ThreadPoolExecutor(max_workers=2)
+        self._drop_pool = ThreadPoolExecutor(max_workers=1)
+        self.mechanism = self._choose_mechanism(mechanism or os.environ.get("EMO_EDGE_SWAP", "auto"))
+        if self.mechanism == "mapped":
+            self._open_mapped(progress)
         self.backbone_rss = rss()
         self._check_budget_fits()
+
+    # ---- mechanism -----------------------------------------------------------------------------------------
+    def _choose_mechanism(self, want: str) -> str:
+        """'mapped' (union sessions over a prepared store, no rebuild on a swap) where every MoE block is a QMoE
+        it reproduces exactly and the platform allows; 'rebuild' (per-pool sessions) otherwise (fp32 MoE)."""
+        from . import mapped as mp
+
+        if want not in ("auto", "mapped", "rebuild"):
+            raise BundleError(f"swap mechanism '{want}': expected auto, mapped or rebuild")
+        if want == "rebuild":
+            return "rebuild"
+        why = mp.supported() or next((f"layer {L.layer}: {r}" for L in self.layers
+                                      if (r := mp.eligible(L.template, L.meta))), None)
+        if why is None:
+            return "mapped"
+        if want == "mapped":
+            raise BundleError(f"{self.root}: the mapped swap mechanism cannot serve this bundle ({why})")
+        return "rebuild"
+
+    def _read_union(self, L: MoELayer) -> list[np.ndarray]:
+        """All of layer L's exported experts as stacked arrays, each record verified against its sha256."""
+        q: queue.Queue = queue.Queue(maxsize=1)
+        saved, L.active, L.arena = (L.active, L.arena), (), []
+        try:
+            self._produce([(L.index, tuple(L.ids), [(t, s, "disk") for t, s in enumerate(L.ids)])], q,
+                          threading.Event())
+        finally:
+            L.active, L.arena = saved
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item[2]
+
+    def _open_mapped(self, progress=None) -> None:
+        """Create every layer's union session from the prepared store (preparing it first if this machine has
+        none, or again if onnxruntime finds it stale), then drop every page that loading touched."""
+        import shutil
+
+        from ..fsutil import atomic_dir, read_json
+        from . import mapped as mp
+
+        store = mp.store_dir(self.root)
+        for attempt in (0, 1):
+            if not (store / "prepared.json").is_file():
+                raw_layer = max(len(L.ids) * L.rec_bytes for L in self.layers)
+                need = rss() + int(raw_layer * 2.3)
+                if self.budget is not None and need > self.budget:
+                    raise BudgetError(f"--budget {self.budget_text} ({_mb(self.budget)}): preparing this bundle for "
+                                      f"this CPU (once, into {store}) needs about {_mb(need)}; run it once without "
+                                      f"a budget or with a larger one")
+                if progress:
+                    progress(f"preparing the bundle for this CPU (once) into {store}")
+                with atomic_dir(store, force=True) as tmp:
+                    mp.prepare(self, tmp, progress)
+            info = read_json(store / "prepared.json", BundleError)
+            try:
+                self._load_mapped(store, info)
+                return
+            except _StaleStore as exc:
+                for L in self.layers:
+                    self._close_mapped(L)
+                if attempt:
+                    raise BundleError(f"{store}: prepared store rejected again after re-preparing ({exc})") from None
+                if progress:
+                    progress(f"prepared store is stale ({exc}); preparing again")
+                shutil.rmtree(store, ignore_errors=True)
+
+    def _load_mapped(self, store: Path, info: dict) -> None:
+        from . import mapped as mp
+
+        recs = info.get("layers") if isinstance(info, dict) else None
+        if info.get("version") != mp.PREPARED_VERSION or not isinstance(recs, list) or len(recs) != len(self.layers):
+            raise _StaleStore("version or layer count differs")
+        for L, rec in zip(self.layers, recs):
+            if rec.get("index") != L.index or len(rec.get("sha256", [])) != len(L.ids):
+                raise _StaleStore(f"layer {L.layer} differs")
+            data = store / rec["data"]
+            if self.budget is not None:
+                need = rss() + len(L.ids) * L.rec_bytes + rec["fc1"]["length"] + rec["fc2"]["length"]
+                if need > self.budget:
+                    raise BudgetError(f"--budget {self.budget_text} ({_mb(self.budget)}) is below what opening "
+                                      f"layer {L.layer} takes ({_mb(need)}: onnxruntime validates the union's "
+                                      f"prepacked experts once at load)")
+            reset_peak_rss()
+            try:
+                sess = self._ort.InferenceSession(str(store / rec["model"]), self._options(arena=False),
+                                                  providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own types
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if "pre-packed" in msg or "prepacked" in msg or "NO_SUCHFILE" in msg or "external" in msg.lower():
+                    raise _StaleStore(msg) from None
+                raise BundleError(f"{store / rec['model']}: onnxruntime cannot load it ({msg})") from None
+            self.startup_peak = max(self.startup_peak, peak_rss())
+            ml = mp.MappedLayer(sess, data, os.open(data, os.O_RDONLY), len(L.ids), rec["fc1"], rec["fc2"],
+                                rec["sha256"])
+            L.mapped, L.session = ml, sess
+            ml.refresh_maps()
+            if mp.anonymous_kb(data):
+                raise BundleError(f"{data}: onnxruntime modified its mapping of the prepared weights; use "
+                                  f"EMO_EDGE_SWAP=rebuild")
+            ml.drop_all()
+            _trim()
+
+    def _close_mapped(self, L: MoELayer) -> None:
+        if L.mapped is not None:
+            L.session = None
+            try:
+                os.close(L.mapped.fd)
+            except OSError:
+                pass
+            L.mapped = None
+            L.pool_idx = L.mask = None
+            L.active = ()
+
+    def _swap_mapped(self, st: SwapStats, t0: float, name: str, target: list[tuple[int, ...]]) -> SwapStats:
+        """Load and verify the experts of `target` not resident, evicting least-recently-used experts outside it
+        just in time for the budget, then switch the routing masks. Nothing is rebuilt."""
+        want = {(m, L.pos[s]) for m, (L, ids) in enumerate(zip(self.layers, target)) for s in ids}
+        act = {(m, L.pos[s]) for m, L in enumerate(self.layers) for s in L.active}
+        load = sorted(k for k in want if k[1] not in self.layers[k[0]].mapped.resident)
+        for k in want:
+            if k[1] in self.layers[k[0]].mapped.resident:
+                if k in act:
+                    st.experts_reused += 1
+                else:
+                    st.experts_from_cache += 1
+        size = {k: self.layers[k[0]].mapped.resident_bytes(k[1]) for k in set(load) | set(self.lru)}
+        need = sum(size[k] for k in load)
+        # room kept for requests: KV + activations, less what of them is already part of RSS (buffers earlier
+        # requests left allocated); RSS = backbone + resident experts + that
+        already = max(0, rss() - self.backbone_rss - sum(size[k] for k in self.lru))
+        reserve = max(0, self.kv_bytes() + self.activation_bytes() - already)
+        evictable = [k for k in self.lru if k not in want]  # least recently used first
+        if self._headroom(reserve) + sum(size[k] for k in evictable) < need:
+            raise BudgetError(f"swap to '{name}' needs {_mb(need)} for its experts but only "
+                              f"{_mb(max(self._headroom(reserve), 0))} of the {_mb(self.budget)} budget is free, even "
+                              f"after evicting every cached expert (RSS {_mb(rss())}); still serving "
+                              f"'{self.active_name}'")
+        evicted: list = []
+        queue_ = iter(evictable)
+
+        def make_room(nbytes: int, inflight: int) -> None:
+            """Evict (LRU first) until `nbytes` more fit beside the `inflight` bytes being loaded."""
+            if self.budget is None:
+                return
+            while self._headroom(reserve) - inflight < nbytes:
+                k = next(queue_, None)
+                if k is None:
+                    return
+                self.layers[k[0]].mapped.evict(k[1], drop_cache=False)
+                del self.lru[k]
+                evicted.append(k)
+
+        loaded, failed = self._load_experts(load, st, make_room, size)
+        if evicted:  # their pages already left RSS; let the page cache go too, off the swap's critical path
+            self._drop_pool.submit(self._drop_page_cache, list(evicted))
+        if failed is not None:
+            for m, e in loaded:
+                self.layers[m].mapped.evict(e)
+                self.lru.pop((m, e), None)
+            back, again = [k for k in evicted if k in act], None
+            if back:
+                _, again = self._load_experts(back, SwapStats(pool=self.active_name or ""), None, size)
+            m, e, where = failed
+            L = self.layers[m]
+            if again is not None:
+                was, self.active_name = self.active_name, None
+                for X in self.layers:
+                    X.pool_idx = X.mask = None
+                    X.active = ()
+                raise BundleError(f"{where}: expert {L.ids[e]} of layer {L.layer} fails its sha256 check and the "
+                                  f"previous pool '{was}' could not be restored; no pool is active until the next "
+                                  f"successful swap")
+            raise BundleError(f"{where}: expert {L.ids[e]} of layer {L.layer} fails its sha256 check (corrupted "
+                              f"prepared store); swap refused, still serving '{self.active_name}'")
+        for m, (L, ids) in enumerate(zip(self.layers, target)):
+            idx = np.array([L.pos[s] for s in ids], np.int64)
+            mask = np.full(len(L.ids), -np.inf, np.float32)
+            mask[idx] = 0.0
+            L.pool_idx, L.mask, L.active = idx, mask, tuple(ids)
+        for k in sorted(want):
+            self.lru[k] = True
+            self.lru.move_to_end(k)
+        self.active_name = name
+        st.seconds = time.perf_counter() - t0
+        self.swaps.append(st)
+        return st
+
+    def _drop_page_cache(self, keys) -> None:
+        for m, e in keys:
+            ml = self.layers[m].mapped
+            if ml is not None and e not in ml.resident:
+                ml.drop_cache(e)
+
+    PREFETCH_WINDOW = 16  # experts whose reads are queued ahead of the loaders (measured: 8-32 best here)
+
+    def _load_experts(self, keys, st: SwapStats, make_room=None, size=None):
+        """Load and verify experts (m, union position) in order: a prefetch thread keeps PREFETCH_WINDOW experts'
+        reads queued (posix_fadvise WILLNEED) so the disk always has work, two loaders populate each expert's
+        pages in onnxruntime's mapping and hash them. Returns (loaded, failure) with failure = (m, e, file) of the
+        first expert whose sha256 differs, or None."""
+        loaded, failed = [], None
+        if not keys:
+            return loaded, failed
+        t = time.perf_counter()
+        window = threading.Semaphore(self.PREFETCH_WINDOW)
+        stop = threading.Event()
+
+        def prefetch():
+            for m, e in keys:
+                window.acquire()
+                if stop.is_set():
+                    return
+                self.layers[m].mapped.prefetch(e)
+
+        pf = threading.Thread(target=prefetch, daemon=True)
+        pf.start()
+
+        def job(m, e):
+            try:
+                return self.layers[m].mapped.load(e)
+            finally:
+                window.release()
+
+        pending, inflight = [], 0
+        it = iter(keys)
+
+        def submit(k):
+            nonlocal inflight
+            b = size[k] if size else 0
+            if make_room is not None:
+                make_room(b, inflight)
+            inflight += b
+            pending.append((k, b, self._load_pool.submit(job, *k)))
+
+        try:
+            for k in it:
+                submit(k)
+                if len(pending) >= 3:
+                    break
+            while pending:
+                (m, e), b, fut = pending.pop(0)
+                ml = self.layers[m].mapped
+                got = fut.result()
+                inflight -= b
+                ml.resident.add(e)
+                loaded.append((m, e))
+                if got != ml.sha[e]:
+                    failed = (m, e, ml.data_path)
+                    break
+                st.experts_read += 1
+                st.bytes_read += ml.expert_bytes(e)
+                self.lru[(m, e)] = True
+                nxt = next(it, None)
+                if nxt is not None:
+                    submit(nxt)
+        finally:
+            stop.set()
+            for _ in range(len(keys) + 1):
+                window.release()
+            for (m, e), _, fut in pending:  # after a failure: let the loads in flight finish, then count them
+                fut.result()
+                self.layers[m].mapped.resident.add(e)
+                loaded.append((m, e))
+            pf.join()
+        st.read_s += time.perf_counter() - t
+        return loaded, failed
 
     # ---- sessions ------------------------------------------------------------------------------------------
     def _options(self, arena: bool = True):
@@ -306,6 +588,14 @@ class SwappableRuntime:
         """What one resident pool costs: backbone (measured) + KV + activations + pool raw + prepacked copy
         + the swap transient (two layers' new arenas, one layer's prepack)."""
         pl = pool_layers or self._largest_pool()
+        if self.mechanism == "mapped":  # the pool's prepacked pages are all it holds; nothing is built on a swap
+            pool = sum(len(ids) * L.mapped.resident_bytes(0) for ids, L in zip(pl, self.layers))
+            req = {"backbone_rss": self.backbone_rss, "kv_cache": self.kv_bytes(),
+                   "activations": self.activation_bytes(), "pool_raw": pool, "pool_prepacked": 0,
+                   "swap_transient": 0}
+            req["total"] = sum(req.values())
+            req["startup_peak"] = self.startup_peak
+            return req
         raw = self.pool_bytes(pl)
         layer_max = max((len(ids) * L.rec_bytes for ids, L in zip(pl, self.layers)), default=0)
         req = {"backbone_rss": self.backbone_rss, "kv_cache": self.kv_bytes(), "activations": self.activation_bytes(),
@@ -404,10 +694,14 @@ class SwappableRuntime:
                 for s in ids:
                     if (m, s) in self.cache:
                         self.cache.move_to_end((m, s))
+                    if (m, self.layers[m].pos[s]) in self.lru:
+                        self.lru.move_to_end((m, self.layers[m].pos[s]))
             self.active_name = name
             st.noop = True
             self.swaps.append(st)
             return st
+        if self.mechanism == "mapped":
+            return self._swap_mapped(st, t0, name, target)
         changed = [m for m, (L, ids) in enumerate(zip(self.layers, target)) if ids != L.active]
         plan = []  # per changed layer: (m, ids, [(t, s, where)])
         for m in changed:
@@ -632,12 +926,16 @@ class SwappableRuntime:
             env.update(zip(outs, res))
             if s < len(self.layers):
                 L = self.layers[s]
-                if L.session is None:
+                if L.session is None or (L.mapped is not None and L.pool_idx is None):
                     raise BundleError("no pool is active: call use(pool) first")
                 x = env[L.meta["x"]]
                 if probe is not None:
                     probe.append(x.reshape(-1, x.shape[-1]) @ L.router)
-                env[L.meta["y"]] = L.session.run([L.meta["y"]], {L.meta["x"]: x})[0]
+                if L.mapped is not None:
+                    feed = {L.meta["x"]: x, POOL_IDX: L.pool_idx, MASK: L.mask}
+                else:
+                    feed = {L.meta["x"]: x}
+                env[L.meta["y"]] = L.session.run([L.meta["y"]], feed)[0]
         logits = env["logits"][0]
         new_cache = []
         for i in range(self.n_layers):
@@ -769,12 +1067,22 @@ class SwappableRuntime:
 
     # ---- facts ---------------------------------------------------------------------------------------------
     def resident(self) -> dict:
-        return {"active_pool": self.active_name, "active_experts": sum(len(a) for a in self.active),
+        if self.mechanism == "mapped":
+            act = {(m, L.pos[s]) for m, L in enumerate(self.layers) for s in L.active}
+            cached = [k for k in self.lru if k not in act]
+            return {"mechanism": "mapped", "active_pool": self.active_name, "active_experts": len(act),
+                    "active_bytes": sum(self.layers[m].mapped.resident_bytes(e) for m, e in act),
+                    "cached_experts": len(cached),
+                    "cached_bytes": sum(self.layers[m].mapped.resident_bytes(e) for m, e in cached),
+                    "rss": rss(), "peak_rss": peak_rss(), "budget": self.budget}
+        return {"mechanism": "rebuild", "active_pool": self.active_name, "active_experts": sum(len(a) for a in self.active),
                 "active_bytes": self.pool_bytes(self.active), "cached_experts": len(self.cache),
                 "cached_bytes": self._cache_bytes(), "rss": rss(), "peak_rss": peak_rss(), "budget": self.budget}
 
     def close(self) -> None:
+        self._drop_pool.shutdown(wait=True)
         for L in self.layers:
+            self._close_mapped(L)
             L.session, L.ortvalues, L.arena = None, [], []
             try:
                 os.close(L.fd)
@@ -782,6 +1090,8 @@ class SwappableRuntime:
                 pass
         self.cache.clear()
         self._hash_pool.shutdown(wait=False)
+        self._load_pool.shutdown(wait=False)
+        self.lru.clear()
         _trim()
 
 
