@@ -2,10 +2,12 @@
 bundle, under a memory budget that fits one pool but not two.
 
     nice -n 10 python bench/swap.py BUNDLE [--budget auto|2GB] [--sequence math,code,prose,math,chat,code]
+                                           [--mechanism auto|mapped|rebuild] [--compare]
                                            [--static STATIC_BUNDLE_DIR] [--warm]
 
 Per swap: latency, bytes read, the disk-read floor (bytes read / measured cold sequential read bandwidth of the
-shards, page cache dropped with posix_fadvise before the measurement and before every swap unless --warm),
+files the mechanism reads, the faster of preadv and MADV_POPULATE_READ; page cache dropped with posix_fadvise
+before the measurement and before every swap unless --warm),
 experts read / reused from the previous pool / taken from the LRU cache, decode tokens/s of the generation that
 follows, RSS. Summary: swap latency min/median/max, ratio to the floor, reuse rate, peak RSS (VmHWM and a 2 ms
 sampler) against the budget. With --static, the "new InferenceSession per pool" alternative is timed on that
@@ -148,7 +150,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", action="store_true", help="do not drop the shards from the page cache before swaps")
     ap.add_argument("--static", default=None, help="static bundle of one pool: time the session-rebuild alternative")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--compare", action="store_true",
+                    help="run the session once per mechanism (mapped, rebuild), each in its own process and under "
+                         "its own 'fits one pool, not two' budget, and print them side by side")
     a = ap.parse_args(argv)
+    if a.compare:
+        return compare(a, argv if argv is not None else sys.argv[1:])
 
     t_open = time.perf_counter()
     rt = SwappableRuntime(a.bundle, budget=None, threads=a.threads, max_tokens=a.prompt_tokens + a.new_tokens + 8,
@@ -246,6 +253,55 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "static_alternative": alt}, indent=1))
     return 0 if summary["under_budget"] else 1
+
+
+def compare(a, argv) -> int:
+    import tempfile
+
+    passthrough = [x for x in argv if x not in ("--compare",)]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mech in ("mapped", "rebuild"):
+            out = Path(tmp) / f"{mech}.json"
+            print(f"== mechanism {mech}", flush=True)
+            args = [sys.executable, __file__, *_drop_opt(passthrough, "--mechanism"), "--mechanism", mech]
+            r = subprocess.run(_drop_opt(args, "--json") + ["--json", str(out)])
+            if r.returncode not in (0, 1) or not out.exists():
+                print(f"mechanism {mech} failed (exit {r.returncode})")
+                return 2
+            results[mech] = json.loads(out.read_text())["summary"]
+    m, r = results["mapped"], results["rebuild"]
+    rows = [("budget (fits one pool, not two)", "budget_MiB", "{:.0f} MiB"),
+            ("opening: time", "open_s", "{:.1f} s"), ("opening: peak RSS", "open_peak_rss_MiB", "{:.0f} MiB"),
+            ("swap latency median", "swap_ms_median", "{:.0f} ms"), ("swap latency max", "swap_ms_max", "{:.0f} ms"),
+            ("bytes read per swap", "MiB_read_per_swap", "{:.0f} MiB"),
+            ("disk floor bandwidth", "disk_MBps", "{:.0f} MB/s"),
+            ("swap / floor, median", "x_floor_median", "{:.2f}"), ("swap / floor, max", "x_floor_max", "{:.2f}"),
+            ("decode tok/s median", "decode_tok_s_median", "{:.1f}"),
+            ("peak RSS (VmHWM)", "peak_rss_MiB_hwm", "{:.0f} MiB")]
+    print()
+    print("| metric | mapped | rebuild | rebuild / mapped |")
+    print("|---|---|---|---|")
+    for label, key, fmt in rows:
+        ratio = r[key] / m[key] if m.get(key) else float("nan")
+        print(f"| {label} | {fmt.format(m[key])} | {fmt.format(r[key])} | {ratio:.2f} |")
+    print(f"| under budget | {m['under_budget']} | {r['under_budget']} | |")
+    return 0 if m["under_budget"] and r["under_budget"] else 1
+
+
+def _drop_opt(args, opt):
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+            continue
+        if x == opt:
+            skip = True
+            continue
+        if x.startswith(opt + "="):
+            continue
+        out.append(x)
+    return out
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ def register(cli: click.Group) -> None:
         from ..errors import EmoEdgeError
         from ..runtime import SwappableRuntime
 
-        rt = SwappableRuntime(bundle, budget=budget, threads=threads, max_tokens=max_tokens)
-        click.echo(f"loaded {bundle}: pools {', '.join(rt.pools)}; backbone RSS {rt.backbone_rss / 2**20:.0f} MiB"
+        rt = SwappableRuntime(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
+                              progress=lambda msg: click.echo(msg, err=True))
+        click.echo(f"loaded {bundle} ({rt.mechanism} swaps): pools {', '.join(rt.pools)}; backbone RSS "
+                   f"{rt.backbone_rss / 2**20:.0f} MiB"
                    + (f", budget {rt.budget / 2**20:.0f} MiB (one pool needs {rt.required_bytes()['total'] / 2**20:.0f}"
                       f" MiB)" if rt.budget else ""), err=True)
         state = {"pool": pool}

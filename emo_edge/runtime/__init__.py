@@ -5,21 +5,23 @@
     out = rt.generate("def f(x):", pool="auto", max_new_tokens=32)   # picks the catalog pool by router mass
     rt.logits([5, 17, 99], pool="math")  # equals the static bundle of `math` (bit for bit)
 
-Mechanism (chosen by measurement, onnxruntime 1.32 CPU, emo-14b width):
+Two mechanisms, chosen by measurement (onnxruntime 1.32 CPU, emo-14b width, bench/swap.py):
   * QMoE weights bound as graph inputs (IOBinding/OrtValues) run the non-prepacked path: 6x slower per call and
-    numerically different from the static bundle (max diff 6e-3). Exactness therefore needs the experts as
-    initializers. The bundle is cut into backbone segments (one session each, built once, never rebuilt) and
-    one small MoE block per layer (router MatMul, Softmax, QMoE); a swap rebuilds only the MoE blocks of the
-    layers whose pool changed, from in-memory arenas given to onnxruntime with `add_initializer` (no copy, no
-    file read): cost = reading the missing experts + QMoE's prepack of that layer's pool.
-  * Arena per layer = the active pool's experts stacked in ascending source order (= the static bundle's
-    remap), router rows gathered likewise; results equal the static bundle of the pool exactly.
-  * Expert bytes come from per-layer shards with `os.preadv` into anonymous memory (no mmap), sha256-checked per
-    expert (hashing overlaps the next read in a thread); a failing expert aborts the swap before anything is
-    changed ("no request runs on a half-swapped pool"; the old pool keeps serving).
-  * Memory: process RSS (VmRSS) is projected before every allocation and checked against the budget; glibc is
-    told not to keep freed big blocks (mallopt), MoE sessions run without ORT's memory arena, so evicted
-    experts really leave memory.
+    numerically different from the static bundle (max diff 6e-3), so experts must be initializers. The bundle is
+    cut into backbone segments (one session each, built once, never rebuilt) and one MoE block per layer.
+  * "mapped" (default for QMoE bundles; mapped.py): one session per MoE layer over the UNION of the experts,
+    built once from a per-machine prepared store whose prepacked expert weights onnxruntime memory-maps. A swap
+    evicts pages (madvise DONTNEED) of least-recently-used experts outside the new pool, loads the missing
+    experts' pages (MADV_POPULATE_READ on onnxruntime's own mapping, prefetched with posix_fadvise WILLNEED)
+    and checks each one's sha256 from those pages, then switches the layer's routing mask: nothing is rebuilt,
+    nothing is copied. Swap ~1.8-2x the disk-read floor; logits equal the static bundle of the pool bit for bit.
+  * "rebuild" (fp32 MoE bundles, or EMO_EDGE_SWAP=rebuild): per layer, a session holding only the active pool,
+    rebuilt on a swap from in-memory arenas given to onnxruntime with `add_initializer`; expert bytes come from
+    the bundle's shards (preadv, sha256 per record). Cost = reading + QMoE's prepack of the layer's pool
+    (single-threaded, ~700 MB/s): ~5x the disk-read floor.
+  * Either way a failing expert aborts the swap before anything is switched ("no request runs on a half-swapped
+    pool"; the old pool keeps serving), and process RSS (VmRSS, mapped pages included) is projected against the
+    budget before anything is loaded; evicted experts leave RSS at once.
   * Threads: a readers-writer lock: `generate`/`logits` hold it shared for the whole request, `use` exclusively.
 """
 
