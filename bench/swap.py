@@ -47,8 +47,9 @@ def drop_cache(paths) -> None:
 def disk_bandwidth(paths, nbytes: int = 256 * MiB, chunk: int = 4 * MiB) -> dict:
     """Cold sequential read bandwidth (bytes/s) of the files the runtime reads, two ways: preadv into anonymous
     memory (4 MiB chunks) and MADV_POPULATE_READ of a private file mapping (what the mapped mechanism does);
-    page cache dropped before each. The floor uses the faster of the two."""
-    return {"preadv": _bw_preadv(paths, nbytes, chunk), "populate": _bw_populate(paths, nbytes)}
+    page cache dropped before each; the median of three runs each. The floor uses the faster of the two."""
+    return {"preadv": float(np.median([_bw_preadv(paths, nbytes, chunk) for _ in range(3)])),
+            "populate": float(np.median([_bw_populate(paths, nbytes) for _ in range(3)]))}
 
 
 def _bw_populate(paths, nbytes: int) -> float:

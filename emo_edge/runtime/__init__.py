@@ -288,6 +288,7 @@ class SwappableRuntime:
         if self.mechanism == "mapped":
             self._open_mapped(progress)
         self.backbone_rss = rss()
+        self.startup_peak = max(self.startup_peak, peak_rss())
         self._check_budget_fits()
 
     # ---- mechanism -----------------------------------------------------------------------------------------
@@ -372,8 +373,7 @@ class SwappableRuntime:
                     raise BudgetError(f"--budget {self.budget_text} ({_mb(self.budget)}) is below what opening "
                                       f"layer {L.layer} takes ({_mb(need)}: onnxruntime validates the union's "
                                       f"prepacked experts once at load)")
-            reset_peak_rss()
-            try:
+            try:  # (VmHWM is never reset here: /usr/bin/time's peak must stay truthful)
                 sess = self._ort.InferenceSession(str(store / rec["model"]), self._options(arena=False),
                                                   providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own types
@@ -483,7 +483,7 @@ class SwappableRuntime:
             if ml is not None and e not in ml.resident:
                 ml.drop_cache(e)
 
-    PREFETCH_WINDOW = 16  # experts whose reads are queued ahead of the loaders (measured: 8-32 best here)
+    PREFETCH_WINDOW = 32  # experts whose reads are queued ahead of the loaders (measured: 8-32 best here)
 
     def _load_experts(self, keys, st: SwapStats, make_room=None, size=None):
         """Load and verify experts (m, union position) in order: a prefetch thread keeps PREFETCH_WINDOW experts'
