@@ -85,6 +85,21 @@ def test_swappable_logits_hook_and_pool_file(world):
         swappable_logits(d / "swap-int4", None, IDS)
 
 
+def test_cli_logits_swappable_equals_static(world, tmp_path):
+    """The acceptance, from the command line: `logits SWAPPABLE --pool P` equals `logits STATIC_P`."""
+    d = world["dir"]
+    ids = ",".join(map(str, IDS))
+    outs = {}
+    for key, args in (("swap", [str(d / "swap-int4"), "--pool", "letters"]), ("static", [str(d / "static-letters-int4")])):
+        out = tmp_path / f"{key}.npy"
+        r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "logits", *args, "--ids", ids, "--out", str(out)],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        outs[key] = np.load(out)
+    assert outs["swap"].shape == (len(IDS), outs["static"].shape[1])
+    assert np.array_equal(outs["swap"], outs["static"])
+
+
 def test_layout_and_manifest(world):
     m = json.loads((world["dir"] / "swap-int4" / "manifest.json").read_text())
     sw = m["swappable"]
@@ -270,3 +285,16 @@ def test_concurrent_requests_never_see_half_swapped_pool(world):
         t.join()
     assert not errors
     rt.close()
+
+
+def test_unwritable_store_falls_back_to_rebuild(world, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("EMO_EDGE_HOME", str(blocker))
+    said = []
+    rt = SwappableRuntime(world["dir"] / "swap-int4", progress=said.append)
+    assert rt.mechanism == "rebuild" and any("rebuilding sessions instead" in s for s in said)
+    assert np.array_equal(rt.logits(IDS, pool="digits"), Bundle(world["dir"] / "static-digits-int4").logits(IDS))
+    rt.close()
+    with pytest.raises(BundleError, match="cannot write the prepared store"):
+        SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
