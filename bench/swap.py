@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -193,8 +194,10 @@ def main(argv=None) -> int:
     for name in seq:
         if not a.warm:
             drop_cache(shards)
-        prev = set(map(tuple, rt.active))
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         st = rt.use(name)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         pool_size = sum(len(x) for x in rt.active)
         res = rt.generate(prompt, pool=name, max_new_tokens=a.new_tokens, stop_at_eos=False)
         floor = st.bytes_read / bw
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
                      "build_ms": st.build_s * 1e3, "MiB_read": st.bytes_read / MiB, "floor_ms": floor * 1e3,
                      "x_floor": st.seconds / floor if floor else float("nan"), "read": st.experts_read,
                      "reused": st.experts_reused, "cached": st.experts_from_cache, "pool_experts": pool_size,
-                     "decode_tok_s": res["decode_tok_s"], "rss_MiB": rss() / MiB, "layers": st.layers_rebuilt})
+                     "decode_tok_s": res["decode_tok_s"], "rss_MiB": rss() / MiB, "layers": st.layers_rebuilt,
+                     "cpu_ms": cpu * 1e3})
         r = rows[-1]
         print(f"  {name:6s} swap {r['swap_ms']:7.0f} ms (reader done {r['read_ms']:6.0f}, builds {r['build_ms']:6.0f}) "
               f"read {r['MiB_read']:6.0f} MiB ({r['read']:3d} experts, reused {r['reused']:3d}, cache "
@@ -222,7 +226,8 @@ def main(argv=None) -> int:
         "swap_ms_max": float(lat.max()), "x_floor_median": float(np.median(ratio)) if ratio.size else None,
         "x_floor_max": float(ratio.max()) if ratio.size else None,
         "MiB_read_per_swap": float(np.mean([r["MiB_read"] for r in swaps])) if swaps else 0.0,
-        "reuse_rate": float(reuse), "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in rows])),
+        "reuse_rate": float(reuse), "cpu_ms_median": float(np.median([r["cpu_ms"] for r in swaps])) if swaps else 0.0,
+        "cores": os.cpu_count(), "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in rows])),
         "peak_rss_MiB_hwm": hwm / MiB, "peak_rss_MiB_sampled": sampler.peak / MiB,
         "under_budget": bool(hwm <= budget and sampler.peak <= budget), "prepack_factor": rt.prepack_factor}
     rt.close()
@@ -239,6 +244,7 @@ def main(argv=None) -> int:
     print(f"| bytes read per swap (mean) | {summary['MiB_read_per_swap']:.0f} MiB |")
     print(f"| disk read floor: cold bandwidth | {summary['disk_MBps']:.0f} MB/s |")
     print(f"| swap latency / floor, median / max | {summary['x_floor_median']:.2f} / {summary['x_floor_max']:.2f} |")
+    print(f"| CPU time per swap (user+sys, median) on {summary['cores']} cores | {summary['cpu_ms_median']:.0f} ms |")
     print(f"| expert reuse rate between pools | {summary['reuse_rate']:.2f} |")
     print(f"| decode tokens/s (median) | {summary['decode_tok_s_median']:.1f} |")
     print(f"| peak RSS (VmHWM / 2 ms sampler) vs budget | {summary['peak_rss_MiB_hwm']:.0f} / "
@@ -278,6 +284,7 @@ def compare(a, argv) -> int:
             ("bytes read per swap", "MiB_read_per_swap", "{:.0f} MiB"),
             ("disk floor bandwidth", "disk_MBps", "{:.0f} MB/s"),
             ("swap / floor, median", "x_floor_median", "{:.2f}"), ("swap / floor, max", "x_floor_max", "{:.2f}"),
+            ("CPU per swap (user+sys) median", "cpu_ms_median", "{:.0f} ms"),
             ("decode tok/s median", "decode_tok_s_median", "{:.1f}"),
             ("peak RSS (VmHWM)", "peak_rss_MiB_hwm", "{:.0f} MiB")]
     print()
