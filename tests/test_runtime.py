@@ -298,3 +298,39 @@ def test_unwritable_store_falls_back_to_rebuild(world, tmp_path, monkeypatch):
     rt.close()
     with pytest.raises(BundleError, match="cannot write the prepared store"):
         SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
+
+
+def test_mapped_budget_evicts_lru_and_refuses_what_cannot_fit(world, tmp_path, monkeypatch):
+    """The eviction policy under a budget that fits one pool but not two, with RSS modelled exactly as
+    backbone + resident expert pages (so the check does not depend on allocator noise at this tiny size)."""
+    import emo_edge.runtime as runtime
+
+    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped", max_tokens=16)
+    base = 100 * 2**20
+
+    def modelled_rss():
+        return base + sum(rt.layers[m].mapped.resident_bytes(e) for m, e in rt.lru)
+
+    monkeypatch.setattr(runtime, "rss", modelled_rss)
+    rt.backbone_rss = base
+    sizes = {}
+    for name in ("digits", "letters", "mixed"):
+        _, target = rt.resolve(name)
+        sizes[name] = sum(L.mapped.resident_bytes(L.pos[s]) for L, ids in zip(rt.layers, target) for s in ids)
+    reserve = rt.kv_bytes() + rt.activation_bytes()
+    rt.budget = base + reserve + max(sizes.values()) + 1
+    assert rt.budget < base + reserve + sizes["digits"] + sizes["letters"]  # one pool fits, two do not
+    static = {n: Bundle(world["dir"] / f"static-{n}-int4").logits(IDS) for n in sizes}
+    for name in ("digits", "letters", "mixed", "letters", "digits"):
+        rt.use(name)
+        assert modelled_rss() + reserve <= rt.budget
+        assert np.array_equal(rt.logits(IDS), static[name])
+        assert {k for k in rt.lru} >= {(m, L.pos[s]) for m, L in enumerate(rt.layers) for s in L.active}
+    # a budget that cannot hold the pool even after evicting everything: refused, old pool intact
+    was = rt.active_name
+    rt.budget = base + reserve + sizes["letters"] // 2
+    other = "letters" if was != "letters" else "digits"
+    with pytest.raises(BudgetError, match=f"swap to '{other}'"):
+        rt.use(other)
+    assert rt.active_name == was and np.array_equal(rt.logits(IDS), static[was])
+    rt.close()
