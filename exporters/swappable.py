@@ -8,8 +8,9 @@ byte of every tensor is exactly what a static export of any one pool holds), the
     embed, layers' attention, norms,   -->   seg{s}.onnx  (s = 0..M, M = number of MoE layers): the backbone cut
     shared experts, lm_head                  at each routed-MoE block; weights in backbone.data
     layer i: router MatMul (+Softmax)  -->   moe{m}.onnx: the block alone (router MatMul, Softmax, QMoE|MoE) with
-             + QMoE (routed experts)         placeholder initializers; the runtime builds one session per active
-                                             pool with the pool's router rows and experts (add_initializer)
+             + QMoE (routed experts)         placeholder initializers: the runtime turns it into one union session
+                                             per layer over a per-machine prepacked store (QMoE, "mapped" swaps)
+                                             or one session per active pool (fp32 MoE, "rebuild" swaps)
     QMoE expert tensors of the union   -->   experts.l{i}.bin: one record per expert (all its fc1/fc2 weights,
                                              scales, zero points back to back), 4 KB aligned, sha256 per record
     router rows of the union           -->   routers.bin: float32 [H, r_union] per layer (the runtime keeps them
@@ -17,8 +18,8 @@ byte of every tensor is exactly what a static export of any one pool holds), the
 
 Why not expert weights as graph inputs bound with IOBinding: measured on onnxruntime 1.32 CPU, a QMoE whose weights
 are graph inputs takes the non-prepacked path: 6x slower per call and numerically different from the static
-bundle (max diff 6e-3). Only initializers get QMoE's prepacked int8-activation kernels, so the runtime rebuilds the
-small per-layer MoE session on a swap (and nothing else); see emo_edge/runtime/.
+bundle (max diff 6e-3). Only initializers get QMoE's prepacked int8-activation kernels; see emo_edge/runtime/ for
+how swaps keep them (mapped.py: prepacked weights memory-mapped, a swap moves pages and a routing mask).
 
 The manifest keeps the static fields (source, pools, precision, experts remap of the union) and adds
 `"swappable"`: segments and their I/O, per MoE layer the block's template, part layout, and every expert's record

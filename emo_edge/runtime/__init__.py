@@ -321,20 +321,6 @@ class SwappableRuntime:
             raise BundleError(f"{self.root}: the mapped swap mechanism cannot serve this bundle ({why})")
         return "rebuild"
 
-    def _read_union(self, L: MoELayer) -> list[np.ndarray]:
-        """All of layer L's exported experts as stacked arrays, each record verified against its sha256."""
-        q: queue.Queue = queue.Queue(maxsize=1)
-        saved, L.active, L.arena = (L.active, L.arena), (), []
-        try:
-            self._produce([(L.index, tuple(L.ids), [(t, s, "disk") for t, s in enumerate(L.ids)])], q,
-                          threading.Event())
-        finally:
-            L.active, L.arena = saved
-        item = q.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item[2]
-
     def _open_mapped(self, progress=None) -> None:
         """Create every layer's union session from the prepared store (preparing it first if this machine has
         none, or again if onnxruntime finds it stale), then drop every page that loading touched."""

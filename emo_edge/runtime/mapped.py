@@ -133,7 +133,8 @@ def eligible(template, meta: dict) -> str | None:
 
 
 def union_block(template, meta: dict, arrays: dict):
-    """The layer's block over all union experts with pool-masked routing; `arrays`: initializer name -> array."""
+    """The layer's block over all union experts with pool-masked routing; `arrays`: initializer name -> array, or
+    a TensorProto already pointing at external data."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(template.graph.node)
@@ -160,7 +161,8 @@ def union_block(template, meta: dict, arrays: dict):
     qn = helper.make_node("QMoE", qi, list(q.output), name=q.name, domain=q.domain)
     qn.attribute.extend(q.attribute)
     inits = [numpy_helper.from_array(np.array([0], np.int64), pre + "/ax0")]
-    inits += [numpy_helper.from_array(np.ascontiguousarray(a), name) for name, a in arrays.items()]
+    inits += [a if isinstance(a, TensorProto) else numpy_helper.from_array(np.ascontiguousarray(a), name)
+              for name, a in arrays.items()]
     x_type = TensorProto.FLOAT
     g = helper.make_graph(new + [qn], f"emo_moe_union_{meta['layer']}",
                           [helper.make_tensor_value_info(meta["x"], x_type, None),
@@ -193,6 +195,49 @@ def _packed_region(t, n_experts: int) -> dict | None:
     return {"offset": off, "length": length, "per_expert": length // n_experts}
 
 
+def _write_union_data(rt, L, path: Path) -> dict:
+    """Stream layer L's expert records from its shard into `path` laid out per part ([n, ...] contiguous, as the
+    union block's initializers), verifying each record's sha256; returns name -> external TensorProto."""
+    from onnx import TensorProto, helper
+
+    n, parts = len(L.ids), L.meta["parts"]
+    bases, off = [], 0
+    for p in parts:
+        off = -(-off // PAGE) * PAGE
+        bases.append(off)
+        off += n * p["nbytes"]
+    buf = np.empty(L.rec_bytes, np.uint8)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, off)
+        for e, meta in enumerate(L.meta["experts"]):
+            got = os.preadv(L.fd, [buf.data], meta["offset"])
+            if got != L.rec_bytes:
+                raise BundleError(f"{rt.root / L.meta['shard']}: expert {meta['source_id']} of layer {L.layer} is "
+                                  f"truncated (read {got} of {L.rec_bytes} bytes)")
+            if hashlib.sha256(buf).hexdigest() != meta["sha256"]:
+                raise BundleError(f"{rt.root / L.meta['shard']}: expert {meta['source_id']} of layer {L.layer} "
+                                  f"fails its sha256 check (corrupted shard)")
+            a = 0
+            for p, base in zip(parts, bases):
+                os.pwrite(fd, buf[a:a + p["nbytes"]], base + e * p["nbytes"])
+                a += p["nbytes"]
+    finally:
+        os.close(fd)
+    protos = {}
+    for p, base in zip(parts, bases):
+        t = TensorProto()
+        t.name = p["name"]
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(p["dtype"]))
+        t.dims.extend([n, *p["shape"]])
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", path.name), ("offset", str(base)), ("length", str(n * p["nbytes"]))):
+            ent = t.external_data.add()
+            ent.key, ent.value = k, v
+        protos[p["name"]] = t
+    return protos
+
+
 def prepare(rt, dest: Path, progress=None) -> dict:
     """Write the prepared store for runtime `rt` (a SwappableRuntime) into `dest` (an empty directory)."""
     import onnx
@@ -201,14 +246,12 @@ def prepare(rt, dest: Path, progress=None) -> dict:
     layers = []
     for L in rt.layers:
         t0 = time.perf_counter()
-        arena = rt._read_union(L)  # raw records, each verified against the manifest's sha256
-        arrays = {L.meta["router_weight"]: np.ascontiguousarray(L.router)}
-        arrays.update({p["name"]: a for p, a in zip(L.meta["parts"], arena)})
-        model = union_block(L.template, L.meta, arrays)
-        del arena, arrays
         src = dest / f".moe{L.index}.src.onnx"
-        onnx.save(model, str(src), save_as_external_data=True, location=src.name + ".data", size_threshold=1024)
-        del model
+        arrays = {L.meta["router_weight"]: np.ascontiguousarray(L.router)}
+        arrays.update(_write_union_data(rt, L, dest / (src.name + ".data")))  # one record in memory at a time
+        model = union_block(L.template, L.meta, arrays)
+        onnx.save(model, str(src))
+        del model, arrays
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
