@@ -495,8 +495,8 @@ class SwappableRuntime:
 
     def _load_experts(self, keys, st: SwapStats, make_room=None, size=None):
         """Load and verify experts (m, union position) in order: a prefetch thread keeps PREFETCH_WINDOW experts'
-        reads queued (posix_fadvise WILLNEED) so the disk always has work, two loaders populate each expert's
-        pages in onnxruntime's mapping and hash them. Returns (loaded, failure) with failure = (m, e, file) of the
+        reads queued (posix_fadvise WILLNEED) so the disk always has work, the loaders populate each expert's
+        pages in onnxruntime's mapping and hash them, three experts in flight. Returns (loaded, failure) with failure = (m, e, file) of the
         first expert whose sha256 differs, or None."""
         loaded, failed = [], None
         if not keys:
@@ -599,7 +599,8 @@ class SwappableRuntime:
         + the swap transient (two layers' new arenas, one layer's prepack)."""
         pl = pool_layers or self._largest_pool()
         if self.mechanism == "mapped":  # the pool's prepacked pages are all it holds; nothing is built on a swap
-            pool = sum(len(ids) * L.mapped.resident_bytes(0) for ids, L in zip(pl, self.layers))
+            pool = sum(len(ids) * max(L.mapped.resident_bytes(e) for e in range(L.mapped.n))
+                       for ids, L in zip(pl, self.layers))
             req = {"backbone_rss": self.backbone_rss, "kv_cache": self.kv_bytes(),
                    "activations": self.activation_bytes(), "pool_raw": pool, "pool_prepacked": 0,
                    "swap_transient": 0}
