@@ -827,19 +827,9 @@ class SwappableRuntime:
                                           f"'{self.active_name}'")
                 item = (m, ids, arena, time.perf_counter())
                 del arena
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        pass
+                _put_unless_stopped(q, item, stop)
         except BaseException as exc:  # handed to the main thread
-            while not stop.is_set():
-                try:
-                    q.put(exc, timeout=0.05)
-                    break
-                except queue.Full:
-                    pass
+            _put_unless_stopped(q, exc, stop)
 
     def _rollback(self, undo) -> None:
         """Put back the layers already switched: their old experts come from the LRU cache or are re-read
@@ -1104,6 +1094,16 @@ class SwappableRuntime:
         self._load_pool.shutdown(wait=False)
         self.lru.clear()
         _trim()
+
+
+def _put_unless_stopped(q: queue.Queue, item, stop: threading.Event) -> None:
+    """Hand `item` to the consumer, giving up once `stop` is set (the consumer stopped reading)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            pass
 
 
 class _Done:
