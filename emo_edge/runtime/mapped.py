@@ -50,7 +50,6 @@ PREPARED_VERSION = 1
 POOL_IDX = "/emo_edge/pool_idx"
 MASK = "/emo_edge/mask"
 MADV_DONTNEED = 4
-MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22
 
 _libc = None
