@@ -1,0 +1,150 @@
+"""Hostile-input primitives shared by every loader: bounded JSON parsing, typed schema validation, and path
+containment.
+
+Every JSON a loader reads (config.json, the shard index, manifest.json, genai_config.json, pool files, catalog
+entries, prepared.json, calibration JSONL) goes through `load_json` / `parse_json` and then `validate` against a
+pydantic model, so a wrong type, a missing key, a negative or absurd number or a NaN is one line naming the file
+and the field, never a traceback deep inside the code that uses it. pydantic (v2, Rust core) is used because it
+is the most widely kept schema library for Python, reports the exact location of each failure, and validates
+strictly (no silent "1" -> 1 coercion) when asked to.
+
+Every path a bundle or checkpoint file names goes through `confined`: a plain relative name, resolved inside the
+root (symlinks resolved and re-checked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import EmoEdgeError
+
+MAX_JSON_BYTES = 64 << 20  # no JSON we read is near this; a manifest of a 14B swappable bundle is ~2 MB
+MAX_DEPTH = 64  # deeper nesting than any file we read; refused before Python's recursion limit is reached
+MAX_COUNT = 1 << 40  # an upper bound for sizes, offsets and counts: absurd values are refused, not allocated
+
+# Strict, bounded scalar types for schemas.
+Int = Annotated[int, Field(strict=True, ge=-MAX_COUNT, le=MAX_COUNT)]
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]  # sizes, offsets, ids
+Positive = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Str = Annotated[str, Field(strict=True, max_length=1 << 16)]
+Sha256 = Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{64}$")]
+
+M = TypeVar("M")
+
+
+class Schema(BaseModel):
+    """Base for file schemas: unknown keys are kept (forward compatibility), known ones are typed strictly."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _depth(obj: Any) -> int:
+    """Maximum nesting depth, iteratively (no recursion on hostile input)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def parse_json(text: str | bytes, where: str, error: type[EmoEdgeError] = EmoEdgeError) -> Any:
+    """Parse JSON text strictly: no NaN/Infinity, nesting at most MAX_DEPTH; any failure is `error` naming
+    `where`."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # NaN / Infinity, or an integer too long to convert
+        raise error(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested deeper than {MAX_DEPTH} levels") from None
+    if _depth(data) > MAX_DEPTH:
+        raise error(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def load_json(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read and parse a JSON file of at most `max_bytes`; any failure is `error` with one line naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{path}: not a regular file")
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, expected a JSON file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > max_bytes:
+        raise error(f"{path}: larger than {max_bytes >> 20} MiB; not a file emo-edge writes or reads")
+    return parse_json(raw, str(path), error)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def validate(data: Any, schema: type[M] | Any, where: str, error: type[EmoEdgeError] = EmoEdgeError) -> M:
+    """`data` checked against `schema` (a pydantic model or any type TypeAdapter accepts); the first failure
+    is `error`: "<where>: field <a.b[2]>: <what is wrong> (got <value>)"."""
+    if _depth(data) > MAX_DEPTH:
+        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    try:
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            return schema.model_validate(data)
+        return TypeAdapter(schema).validate_python(data, strict=True)
+    except ValidationError as exc:
+        e = exc.errors(include_url=False)[0]
+        got = repr(e.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        raise error(f"{where}: field '{_loc(tuple(e['loc']))}': {e['msg'].lower()} (got {got})") from None
+
+
+def confined(root: str | Path, name: Any, where: str, error: type[EmoEdgeError] = EmoEdgeError,
+             allowed_root: str | Path | None = None) -> Path:
+    """The path `name` names inside `root`, refused unless it is a plain relative name that stays inside `root`
+    after every symlink is resolved (or inside `allowed_root` when given: e.g. a Hugging Face cache entry whose
+    snapshot files link into its blobs)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise error(f"{where}: path {name!r} is not a file name")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith("~"):
+        raise error(f"{where}: path {name!r} points outside {root}")
+    root = Path(root)
+    real_root = Path(os.path.realpath(allowed_root if allowed_root is not None else root))
+    full = root / p
+    real = Path(os.path.realpath(full))
+    if real != real_root and real_root not in real.parents:
+        raise error(f"{where}: path {name!r} resolves outside {root} (to {real})")
+    return full
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
