@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .errors import BudgetError, BundleError, EmoEdgeError
-from .spec import EmoSpec
+from .spec import EmoSpec, check_context
 from .units import fmt_bytes
 
 PLAN_VERSION = 1
@@ -308,8 +308,7 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
         notes.append(f"block size {block} instead of the target's {target.block_size}: hidden {spec.hidden_size} / "
                      f"intermediate {spec.intermediate_size} are not multiples of {target.block_size}")
         target = dataclasses.replace(target, block_size=block)
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise EmoEdgeError(f"context must be a positive integer, got {context!r}")
+    check_context(spec, context)  # a positive int <= spec.MAX_CONTEXT (RoPE tables and KV cache are sized by it)
     if budget_bytes is not None and budget_bytes <= 0:
         raise BudgetError(f"budget must be positive, got {budget_bytes}")
     fixed = _parse_precision(precision)
@@ -365,6 +364,8 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
     if any(chosen[c] == "fp16" for c in COMPONENTS) and target.fp16_resident_bytes != 2:
         notes.append(f"fp16 weights are upcast at session start on target '{target.name}': "
                      f"{target.fp16_resident_bytes} bytes each resident")
+    if not any(chosen[c] in ("int8", "int4") for c in COMPONENTS):  # block sizes only matter to quantized weights
+        notes = [n for n in notes if not n.startswith("block size ")]
     precision_out = dict(chosen)
     precision_out["router"] = "fp32"
     return ExportPlan(
@@ -428,8 +429,9 @@ def format_plan(plan: ExportPlan) -> str:
     for name, prec, size, note in rows:
         lines.append(f"{name:<12}{prec:<11}{fmt_bytes(size):>12}  {note}".rstrip())
     lines.append("-" * 64)
-    lines.append(f"{'weights':<12}{'(file)':<11}{fmt_bytes(b['weights']):>12}")
-    lines.append(f"{'weights':<12}{'(in RAM)':<11}{fmt_bytes(b['weights_resident']):>12}")
+    lines.append(f"{'weights':<12}{'(file)':<11}{fmt_bytes(b['weights']):>12}  bytes in the bundle on disk")
+    lines.append(f"{'weights':<12}{'(in RAM)':<11}{fmt_bytes(b['weights_resident']):>12}  resident once loaded "
+                 f"(fp16 is upcast on some targets); the budget counts this")
     lines.append(f"{'kv cache':<12}{plan.kv_cache_dtype:<11}{fmt_bytes(b['kv_cache']):>12}  {plan.context} tokens")
     try:
         from targets import get_target

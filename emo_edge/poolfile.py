@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from pydantic import Field
 
 from .errors import PoolError
+from .hfconfig import MAX_EXPERTS, MAX_LAYERS
+from .schema import Count, Schema, load_json, validate
 from .spec import EmoSpec
 
+LayerIds = Optional[Annotated[list[Count], Field(max_length=MAX_EXPERTS)]]
 
-def parse_pool(data, spec: EmoSpec, where: str) -> list[list[int] | None]:
-    layers = data.get("layers") if isinstance(data, dict) else None
-    if not isinstance(layers, list):
+
+class PoolFile(Schema):
+    """A bare pool file, and the `layers` field every catalog entry shares with it."""
+
+    layers: Annotated[list[LayerIds], Field(max_length=MAX_LAYERS)]
+
+
+def parse_pool(data: Any, spec: EmoSpec, where: str) -> list[list[int] | None]:
+    if not isinstance(data, dict) or "layers" not in data:
         raise PoolError(f"{where}: expected {{\"layers\": [...]}}")
+    layers = validate(data, PoolFile, where, PoolError).layers
     if len(layers) != spec.num_layers:
         raise PoolError(f"{where}: has {len(layers)} layers, the model has {spec.num_layers}")
     out: list[list[int] | None] = []
@@ -23,8 +36,6 @@ def parse_pool(data, spec: EmoSpec, where: str) -> list[list[int] | None]:
                 raise PoolError(f"{where}: layer {i} is dense but the pool lists experts for it")
             out.append(None)
             continue
-        if not isinstance(entry, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in entry):
-            raise PoolError(f"{where}: layer {i} must be a list of expert ids or null")
         bad = [e for e in entry if not 0 <= e < layer.num_experts]
         if bad:
             raise PoolError(f"{where}: layer {i} names expert {bad[0]}, but the layer has {layer.num_experts}")
@@ -36,9 +47,7 @@ def parse_pool(data, spec: EmoSpec, where: str) -> list[list[int] | None]:
 
 
 def read_pool_file(path: str | Path, spec: EmoSpec) -> list[list[int] | None]:
-    from .fsutil import read_json
-
-    return parse_pool(read_json(path, PoolError, "pool file not found"), spec, str(path))
+    return parse_pool(load_json(path, PoolError, "pool file not found"), spec, str(path))
 
 
 def pool_json(layers: list[list[int] | None]) -> str:

@@ -63,20 +63,53 @@ def _depth(obj: Any) -> int:
     return deepest
 
 
-def parse_json(text: str | bytes, where: str, error: type[EmoEdgeError] = EmoEdgeError) -> Any:
-    """Parse JSON text strictly: no NaN/Infinity, nesting at most MAX_DEPTH; any failure is `error` naming
-    `where`."""
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+class _Constant:
+    pass
+
+
+def _constant_field(text: str) -> str:
+    """", at field '<a.b[2]>'" naming where the first NaN/Infinity is, or "" (parsed again only on that error)."""
+    try:
+        data = json.loads(text, parse_constant=lambda _: _Constant())
+    except (ValueError, RecursionError):
+        return ""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        o, loc = stack.pop()
+        if isinstance(o, _Constant):
+            return f", at field '{_loc(loc)}'"
+        if isinstance(o, dict):
+            stack.extend((v, loc + (k,)) for k, v in reversed(o.items()))
+        elif isinstance(o, list) and len(loc) < MAX_DEPTH:
+            stack.extend((v, loc + (i,)) for i, v in reversed(list(enumerate(o))))
+    return ""
+
+
+def parse_json(text: str | bytes, where: str, error: type[EmoEdgeError] = EmoEdgeError,
+               unique_keys: bool = False) -> Any:
+    """Parse JSON text strictly: no NaN/Infinity, nesting at most MAX_DEPTH (and, with `unique_keys`, no key
+    twice in one object); any failure is `error` naming `where`."""
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant,
+                          object_pairs_hook=_unique_object if unique_keys else None)
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except ValueError as exc:  # NaN / Infinity, or an integer too long to convert
-        raise error(f"{where}: not valid JSON ({exc})") from None
+        raise error(f"{where}: not valid JSON ({exc}{_constant_field(text)})") from None
     except RecursionError:
         raise error(f"{where}: JSON nested deeper than {MAX_DEPTH} levels") from None
     if _depth(data) > MAX_DEPTH:

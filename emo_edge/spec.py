@@ -2,7 +2,9 @@
 
 This is the one place that knows what each config field means. Field names and defaults follow the upstream
 `EmoConfig` (allenai/EMO, `src/hf_trust_remote_code/emo/configuration_emo.py`); the semantics follow its
-`modeling_emo.py`. We never import or execute either file.
+`modeling_emo.py`. We never import or execute either file. The file is parsed strictly (`schema.load_json`: no
+NaN/Infinity, bounded size and nesting) and typed by `hfconfig.ConfigFile` (strict ints, finite floats, bounded
+counts, typed lists) before any relation between fields is checked here.
 
 Routing per MoE layer (`LayerSpec.routing`):
 - "topk":          softmax over all E logits, top-k.
@@ -15,15 +17,16 @@ Routing per MoE layer (`LayerSpec.routing`):
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .hfconfig import ConfigFile, RopeScalingFile
+from .schema import load_json, validate
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+MAX_CONTEXT = 1 << 20  # tokens: a hard cap on any export context (RoPE tables and KV cache are sized by it)
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,16 @@ class LayerSpec:
         return tuple(e for e in range(self.num_experts) if e not in implicit)
 
     @property
+    def num_implicit(self) -> int:
+        """len(implicit_experts), without building it."""
+        if self.num_experts == 0:
+            return 0
+        return len(self.always_active) if self.always_active else self.num_shared
+
+    @property
     def routed_k(self) -> int:
         """How many routed experts each token picks."""
-        return self.top_k - len(self.implicit_experts)
+        return self.top_k - self.num_implicit
 
 
 @dataclass(frozen=True)
@@ -158,178 +168,158 @@ class EmoSpec:
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------
-def _get(cfg: dict, key: str, default: Any) -> Any:
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
-def _int(cfg: dict, key: str, default: Any = None, *, where: str, minimum: int = 0) -> int:
-    value = cfg.get(key, default)
-    if value is None:
-        raise ConfigError(f"{where}: required field '{key}' is missing")
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _normalise_rope_scaling(raw: Any, where: str) -> dict | None:
-    if raw is None:
+def _normalise_rope_scaling(rope: RopeScalingFile | None, where: str) -> dict | None:
+    if rope is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: 'rope_scaling' must be an object or null, got {raw!r}")
-    rope = dict(raw)
-    rope_type = rope.get("rope_type", rope.get("type"))
+    rope_type = rope.rope_type if rope.rope_type is not None else rope.type
     if rope_type is None:
         raise ConfigError(f"{where}: 'rope_scaling' has no 'rope_type' (or 'type')")
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"{where}: rope_scaling type '{rope_type}' is not supported (supported: {', '.join(ROPE_TYPES)})"
         )
-    rope["rope_type"] = rope_type
-    rope.pop("type", None)
     if rope_type == "default":
         return None
-    factor = rope.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
-        raise ConfigError(f"{where}: rope_scaling '{rope_type}' needs a positive 'factor', got {factor!r}")
+    if rope.factor is None:
+        raise ConfigError(f"{where}: rope_scaling '{rope_type}' needs a positive 'factor', got None")
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if not isinstance(rope.get(key), (int, float)):
+            if getattr(rope, key) is None:
                 raise ConfigError(f"{where}: rope_scaling 'llama3' needs '{key}'")
-        if rope["low_freq_factor"] >= rope["high_freq_factor"]:
+        if rope.low_freq_factor >= rope.high_freq_factor:
             raise ConfigError(f"{where}: rope_scaling 'llama3' needs low_freq_factor < high_freq_factor")
-    return rope
+    # the fields as given (validated ones typed, extra keys kept; null = unset), rope_type normalised
+    out = {k: v for k, v in rope.model_dump(exclude={"type", "rope_type"}, exclude_unset=True).items()
+           if v is not None}
+    return {"rope_type": rope_type, **out}
 
 
-def _layer_specs(cfg: dict, num_layers: int, top_k: int, where: str) -> tuple[LayerSpec, ...]:
-    num_experts = _int(cfg, "num_experts", 7, where=where)
-    num_shared = _int(cfg, "num_shared_experts", 0, where=where)
+def _per_layer(cfg: ConfigFile, name: str, num_layers: int, where: str) -> list | None:
+    value = getattr(cfg, name)
+    if value is not None and len(value) != num_layers:
+        raise ConfigError(f"{where}: '{name}' must be a list of {num_layers} entries (one per layer), "
+                          f"got {len(value)}")
+    return value
+
+
+def _layer_specs(cfg: ConfigFile, num_layers: int, top_k: int, where: str) -> tuple[LayerSpec, ...]:
+    num_experts, num_shared = cfg.num_experts, cfg.num_shared_experts
     if num_shared > num_experts:
         raise ConfigError(f"{where}: num_shared_experts ({num_shared}) > num_experts ({num_experts})")
-    per_layer = cfg.get("num_experts_per_layer")
-    shared_per_layer = cfg.get("num_shared_experts_per_layer")
-    always = cfg.get("always_active_experts")
-    always_per_layer = cfg.get("always_active_experts_per_layer")
-
-    def check_list(name: str, value: Any) -> list:
-        if not isinstance(value, list) or len(value) != num_layers:
-            raise ConfigError(f"{where}: '{name}' must be a list of {num_layers} entries (one per layer)")
-        return value
-
-    if per_layer is not None:
-        counts = check_list("num_experts_per_layer", per_layer)
-        shared = (check_list("num_shared_experts_per_layer", shared_per_layer) if shared_per_layer is not None
-                  else [min(num_shared, n) for n in counts])
+    counts = _per_layer(cfg, "num_experts_per_layer", num_layers, where)
+    if counts is not None:
+        shared = _per_layer(cfg, "num_shared_experts_per_layer", num_layers, where) or \
+            [min(num_shared, n) for n in counts]
     else:
         counts = [num_experts] * num_layers
         shared = [num_shared] * num_layers  # upstream ignores num_shared_experts_per_layer here
-    if always_per_layer is None and always is not None:
-        always_per_layer = [always] * num_layers
-    if always_per_layer is not None:
-        check_list("always_active_experts_per_layer", always_per_layer)
+    always = _per_layer(cfg, "always_active_experts_per_layer", num_layers, where)
+    if always is None and cfg.always_active_experts is not None:
+        always = [cfg.always_active_experts] * num_layers
 
     layers = []
     for i in range(num_layers):
         n, s = counts[i], shared[i]
-        for name, v in (("num_experts_per_layer", n), ("num_shared_experts_per_layer", s)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{where}: layer {i}: '{name}' entry must be an integer >= 0, got {v!r}")
-        aa = always_per_layer[i] if always_per_layer is not None else None
-        aa = tuple(aa) if aa else ()
+        aa = tuple(always[i]) if always is not None and always[i] else ()
         if n == 0:
             layers.append(LayerSpec(i, 0, 0, (), top_k))
             continue
         if s > n:
             raise ConfigError(f"{where}: layer {i}: {s} shared experts > {n} experts")
-        if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n for e in aa) or len(set(aa)) != len(aa):
+        if any(not 0 <= e < n for e in aa) or len(set(aa)) != len(aa):
             raise ConfigError(f"{where}: layer {i}: always_active_experts {list(aa)} must be distinct ids in [0, {n})")
         layer = LayerSpec(i, n, s, aa, top_k)
         if layer.routed_k < 0:
             raise ConfigError(f"{where}: layer {i}: num_experts_per_tok ({top_k}) is smaller than its "
-                              f"{len(layer.implicit_experts)} shared/always-active experts")
-        if layer.routed_k > len(layer.routed_experts):
+                              f"{layer.num_implicit} shared/always-active experts")
+        if layer.routed_k > n - layer.num_implicit:
             raise ConfigError(f"{where}: layer {i}: num_experts_per_tok ({top_k}) needs {layer.routed_k} routed "
-                              f"experts per token but the layer has only {len(layer.routed_experts)}")
+                              f"experts per token but the layer has only {n - layer.num_implicit}")
         layers.append(layer)
     return tuple(layers)
 
 
-def spec_from_config(cfg: dict, where: str = "config.json") -> EmoSpec:
-    """Parse and validate an upstream-format config dict. `where` names the file in errors."""
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: expected a JSON object")
-    model_type = cfg.get("model_type")
-    if model_type != "emo":
-        raise ConfigError(f"{where}: unknown model_type {model_type!r} (expected 'emo')")
-    act = _get(cfg, "hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{where}: hidden_act '{act}' is not supported (EMO uses 'silu')")
-    hidden = _int(cfg, "hidden_size", 4096, where=where, minimum=1)
-    heads = _int(cfg, "num_attention_heads", 32, where=where, minimum=1)
-    kv_heads = cfg.get("num_key_value_heads")
-    kv_heads = heads if kv_heads is None else _int(cfg, "num_key_value_heads", where=where, minimum=1)
-    if heads % kv_heads:
-        raise ConfigError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
-    head_dim = cfg.get("head_dim")
+def _head_dim(cfg: ConfigFile, hidden: int, heads: int, where: str) -> int:
+    head_dim = cfg.head_dim
     if head_dim is None:
         if hidden % heads:
             raise ConfigError(f"{where}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}); set head_dim")
         head_dim = hidden // heads
-    else:
-        head_dim = _int(cfg, "head_dim", where=where, minimum=2)
     if head_dim % 2:
         raise ConfigError(f"{where}: head_dim ({head_dim}) must be even for RoPE")
-    num_layers = _int(cfg, "num_hidden_layers", 32, where=where, minimum=1)
-    top_k = _int(cfg, "num_experts_per_tok", 5, where=where, minimum=1)
-    max_pos = cfg.get("max_position_embeddings", 4096)
-    if max_pos is not None and (isinstance(max_pos, bool) or not isinstance(max_pos, int)):
-        raise ConfigError(f"{where}: 'max_position_embeddings' must be an integer, got {max_pos!r}")
+    return head_dim
+
+
+def spec_from_config(data: Any, where: str = "config.json") -> EmoSpec:
+    """Parse and validate an upstream-format config dict. `where` names the file in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+    if data.get("model_type") != "emo":
+        raise ConfigError(f"{where}: unknown model_type {data.get('model_type')!r} (expected 'emo')")
+    cfg: ConfigFile = validate(data, ConfigFile, where, ConfigError)
+    act = cfg.hidden_act or "silu"
+    if act != "silu":
+        raise ConfigError(f"{where}: hidden_act '{act}' is not supported (EMO uses 'silu')")
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = cfg.num_key_value_heads or heads
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    head_dim = _head_dim(cfg, hidden, heads, where)
+    max_pos = cfg.max_position_embeddings
     max_pos = None if max_pos is None or max_pos <= 0 else max_pos
-    rope = _normalise_rope_scaling(cfg.get("rope_scaling"), where)
+    rope = _normalise_rope_scaling(cfg.rope_scaling, where)
     if rope and rope["rope_type"] in ("dynamic", "yarn") and max_pos is None and \
             "original_max_position_embeddings" not in rope:
         raise ConfigError(f"{where}: rope_scaling '{rope['rope_type']}' needs max_position_embeddings, which is unknown (-1)")
-    layers = _layer_specs(cfg, num_layers, top_k, where)
-    if any(layer.num_experts == 0 for layer in layers) and not cfg.get("dense_intermediate_size"):
+    layers = _layer_specs(cfg, cfg.num_hidden_layers, cfg.num_experts_per_tok, where)
+    if any(layer.num_experts == 0 for layer in layers) and not cfg.dense_intermediate_size:
         raise ConfigError(f"{where}: a layer has 0 experts (dense) but dense_intermediate_size is not set")
-    norm_topk = bool(_get(cfg, "norm_topk_prob", False))
-    if norm_topk and any(layer.implicit_experts for layer in layers):
+    if cfg.rope_theta is not None and cfg.rope_theta <= 1:  # log(theta) divides in YaRN; theta <= 1 is no RoPE
+        raise ConfigError(f"{where}: field 'rope_theta': must be > 1 (got {cfg.rope_theta!r})")
+    norm_topk = bool(cfg.norm_topk_prob)
+    if norm_topk and any(layer.num_implicit for layer in layers):
         raise ConfigError(f"{where}: norm_topk_prob with shared or always-active experts is undefined upstream; refusing")
-    theta = _get(cfg, "rope_theta", 500000.0)
-    eps = _get(cfg, "rms_norm_eps", 1e-6)
-    for name, v in (("rope_theta", theta), ("rms_norm_eps", eps)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"{where}: '{name}' must be a positive number, got {v!r}")
     return EmoSpec(
-        vocab_size=_int(cfg, "vocab_size", 100352, where=where, minimum=1),
+        vocab_size=cfg.vocab_size,
         hidden_size=hidden,
-        intermediate_size=_int(cfg, "intermediate_size", 11008, where=where, minimum=1),
-        num_layers=num_layers,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(eps),
-        rope_theta=float(theta),
+        rms_norm_eps=float(1e-6 if cfg.rms_norm_eps is None else cfg.rms_norm_eps),
+        rope_theta=float(500000.0 if cfg.rope_theta is None else cfg.rope_theta),
         rope_scaling=rope,
         max_position_embeddings=max_pos,
-        attention_bias=bool(_get(cfg, "attention_bias", False)),
-        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        attention_bias=bool(cfg.attention_bias),
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
         norm_topk_prob=norm_topk,
-        dense_intermediate_size=cfg.get("dense_intermediate_size"),
-        dense_mlp_bias=bool(_get(cfg, "dense_mlp_bias", False)),
-        eos_token_id=cfg.get("eos_token_id", 100257),
-        pad_token_id=cfg.get("pad_token_id", 100277),
-        bos_token_id=cfg.get("bos_token_id"),
+        dense_intermediate_size=cfg.dense_intermediate_size,
+        dense_mlp_bias=bool(cfg.dense_mlp_bias),
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
         layers=layers,
     )
 
 
+def check_context(spec: EmoSpec, context: Any) -> int:
+    """An export context length, refused unless a positive integer <= MAX_CONTEXT (the RoPE tables and KV
+    cache are sized by it, so an absurd one would exhaust memory rather than fail)."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ConfigError(f"context must be a positive integer, got {context!r}")
+    if context > MAX_CONTEXT:
+        model = f" (the model's max_position_embeddings is {spec.max_position_embeddings})" \
+            if spec.max_position_embeddings else ""
+        raise ConfigError(f"context {context} tokens is above the limit of {MAX_CONTEXT}{model}; "
+                          f"give a smaller --context")
+    return context
+
+
 def load_spec(checkpoint_dir: str | Path) -> EmoSpec:
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (is this an EMO checkpoint directory?)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return spec_from_config(cfg, where=str(path))
+    """The spec of a checkpoint directory's config.json (refused if it leads outside, see models.checkpoint_file)."""
+    from .models import checkpoint_file
+
+    path = checkpoint_file(checkpoint_dir, "config.json", ConfigError)
+    data = load_json(path, ConfigError, "not found (is this an EMO checkpoint directory?)")
+    return spec_from_config(data, where=str(path))

@@ -7,13 +7,17 @@ Our tokenizers put the special tokens first: id 0 is `<|endoftext|>` (eos), id 1
 from __future__ import annotations
 
 import json
+import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .errors import EmoEdgeError
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 SPECIALS = (EOS, PAD)
+MAX_TOKENIZER_BYTES = 256 << 20  # real tokenizer.json files are a few MB (dolma2's: ~7 MB)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
@@ -33,10 +37,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
     return tok.to_str()
 
 
+# What the decoder graph takes from a tokenizer: transformers' PreTrainedTokenizerFast would otherwise also return
+# token_type_ids, which no causal LM graph (ours, optimum's) has as an input.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
 def tokenizer_config(model_max_length: int = 4096) -> dict:
     """The tokenizer_config.json that accompanies our tokenizer.json."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_input_names": list(MODEL_INPUT_NAMES),
         "eos_token": EOS,
         "pad_token": PAD,
         "bos_token": None,
@@ -55,6 +65,15 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(path)
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise EmoEdgeError(f"{self.path}: cannot load tokenizer ({exc.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise EmoEdgeError(f"{self.path}: cannot load tokenizer (not a regular file)")
+        if st.st_size > MAX_TOKENIZER_BYTES:
+            raise EmoEdgeError(f"{self.path}: {st.st_size} bytes; a tokenizer.json is at most "
+                               f"{MAX_TOKENIZER_BYTES >> 20} MiB")
         try:
             self._tok = Tokenizer.from_file(str(self.path))
         except Exception as exc:  # the tokenizers library raises a bare Exception on bad files
@@ -84,8 +103,80 @@ class TextTokenizer:
         return {i: self._tok.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)}
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a conversation becomes one prompt. Our tokenizer_config.json has no chat_template; this is the format
+    of the `chat` domain the embedded models were trained on (emo_edge/data/generators.py `gen_chat`, its
+    "User"/"Assistant" style): an optional "System: ..." line, then one "User: ..." / "Assistant: ..." line per
+    turn, newline-separated, the document ending with EOS. The prompt for the next answer ends with
+    "Assistant:"; the answer ends at EOS or where the model starts the next turn on a new line (`stop`)."""
+
+    user: str = "User: "
+    assistant: str = "Assistant: "
+    system: str = "System: "
+    stop: tuple[str, ...] = ("\nUser:", "\nAssistant:", "\nSystem:")
+
+    def render(self, turns: Sequence[tuple[str, str | None]], system: str | None = None) -> str:
+        """turns: (user message, assistant reply); the last reply None = the prompt for the next answer."""
+        lines = [self.system + system] if system else []
+        for user, reply in turns:
+            lines.append(self.user + user)
+            lines.append(self.assistant.rstrip() if reply is None else self.assistant + reply)
+        return "\n".join(lines)
+
+
+CHAT = ChatFormat()
+
+
+class TextStream:
+    """Incremental detokenization for streaming: `push(id)` writes the text that token completes (a multi-byte
+    character split over tokens waits for its last byte). `stop` strings end the text: what precedes the
+    first one is written, it and what follows are not, and `push` returns True from then on (the caller stops
+    generating). Text that could still become a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer: TextTokenizer, write, stop: Iterable[str] = ()):
+        self.tok, self.write, self.stop = tokenizer, write, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def push(self, token: int) -> bool:
+        if self.stopped:
+            return True
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            return False
+        self.text = text
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = text[:cut], True
+            self._emit(len(self.text))
+            return True
+        self._emit(len(text) - self._held(text))
+        return False
+
+    def finish(self) -> str:
+        """Write what is still held back; returns the whole text."""
+        if not self.stopped:
+            self.text = self.tok.decode(self.ids)
+        self._emit(len(self.text))
+        return self.text
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.shown:
+            self.write(self.text[self.shown:upto])
+            self.shown = upto
+
+
 def load_tokenizer(checkpoint_dir: str | Path) -> TextTokenizer:
-    path = Path(checkpoint_dir) / "tokenizer.json"
+    """The checkpoint's tokenizer.json (refused if it leads outside the checkpoint, see models.checkpoint_file)."""
+    from .models import checkpoint_file
+
+    path = checkpoint_file(checkpoint_dir, "tokenizer.json")
     if not path.is_file():
         raise EmoEdgeError(f"{path}: not found; the checkpoint has no tokenizer")
     return TextTokenizer(path)

@@ -2,14 +2,14 @@
 
 Shards are planned from the tensor shapes up front, so each shard's safetensors header is written first and
 tensor data is streamed after it: writing a 27 GB-shape checkpoint never holds more than one tensor. The
-directory appears atomically: everything is written to a temporary sibling and renamed into place.
+directory appears atomically (`fsutil.atomic_dir`): written to a marked temporary sibling, renamed into place;
+`force` replaces only an existing checkpoint (a directory with an EMO config.json), never anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import EmoEdgeError
+from .fsutil import atomic_dir, is_checkpoint, os_reason
 from .checkpoint import INDEX_FILE, SINGLE_FILE
 
 STORE = {"bf16": ("BF16", 2), "fp32": ("F32", 4), "fp16": ("F16", 2)}
@@ -86,50 +87,48 @@ def write_checkpoint(
     if dtype not in STORE:
         raise EmoEdgeError(f"unknown dtype '{dtype}' (choose from {', '.join(STORE)})")
     out = Path(out)
-    if out.exists() and not force:
-        raise EmoEdgeError(f"{out}: already exists (use --force to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        shards = plan_shards(shapes, dtype, shard_size)
-        files = [SINGLE_FILE] if len(shards) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        order = [(file, name) for file, names in zip(files, shards) for name in names]
-        it = progress(order) if progress else order
-        handles: dict[str, object] = {}
-        try:
-            for file, name in it:
-                f = handles.get(file)
-                if f is None:
-                    for other in handles.values():
-                        other.close()
-                    handles.clear()
-                    f = handles[file] = open(tmp / file, "wb")
-                    f.write(_header(shards[files.index(file)], shapes, dtype))
-                if produce is None:  # header-only checkpoint: data left as a sparse hole of zeros
-                    f.seek(int(np.prod(shapes[name], dtype=np.int64)) * STORE[dtype][1], os.SEEK_CUR)
-                    f.truncate()
-                    continue
-                arr = produce(name)
-                if tuple(arr.shape) != tuple(shapes[name]):
-                    raise EmoEdgeError(f"tensor '{name}': produced shape {list(arr.shape)}, planned {list(shapes[name])}")
-                f.write(to_storage(arr, dtype))
-        finally:
-            for f in handles.values():
-                f.close()
-        if len(shards) > 1:
-            total = sum(int(np.prod(s, dtype=np.int64)) * STORE[dtype][1] for s in shapes.values())
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {name: file for file, name in order}}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out, force, replaces=is_checkpoint, what="checkpoint") as tmp:
+            _write_files(tmp, config, shapes, produce, dtype, shard_size, extra_files or {}, progress)
+    except OSError as exc:
+        raise EmoEdgeError(f"{out}: cannot write ({os_reason(exc)}); nothing was left behind") from None
     return out
+
+
+def _write_files(tmp: Path, config: dict, shapes: dict[str, tuple[int, ...]], produce, dtype: str,
+                 shard_size: int | None, extra_files: dict[str, bytes], progress) -> None:
+    """The checkpoint's files, into the (empty) directory `tmp`."""
+    shards = plan_shards(shapes, dtype, shard_size)
+    files = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    order = [(file, name) for file, names in zip(files, shards) for name in names]
+    it = progress(order) if progress else order
+    handles: dict[str, object] = {}
+    try:
+        for file, name in it:
+            f = handles.get(file)
+            if f is None:
+                for other in handles.values():
+                    other.close()
+                handles.clear()
+                f = handles[file] = open(tmp / file, "wb")
+                f.write(_header(shards[files.index(file)], shapes, dtype))
+            if produce is None:  # header-only checkpoint: data left as a sparse hole of zeros
+                f.seek(int(np.prod(shapes[name], dtype=np.int64)) * STORE[dtype][1], os.SEEK_CUR)
+                f.truncate()
+                continue
+            arr = produce(name)
+            if tuple(arr.shape) != tuple(shapes[name]):
+                raise EmoEdgeError(f"tensor '{name}': produced shape {list(arr.shape)}, planned {list(shapes[name])}")
+            f.write(to_storage(arr, dtype))
+    finally:
+        for f in handles.values():
+            f.close()
+    if len(shards) > 1:
+        total = sum(int(np.prod(s, dtype=np.int64)) * STORE[dtype][1] for s in shapes.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: file for file, name in order}}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for fname, data in extra_files.items():
+        (tmp / fname).write_bytes(data)

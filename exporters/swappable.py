@@ -23,7 +23,8 @@ how swaps keep them (mapped.py: prepacked weights memory-mapped, a swap moves pa
 
 The manifest keeps the static fields (source, pools, precision, experts remap of the union) and adds
 `"swappable"`: segments and their I/O, per MoE layer the block's template, part layout, and every expert's record
-(offset, bytes, sha256), and the catalog pools (per-layer source ids) the bundle was exported for.
+(offset, bytes, sha256), the catalog pools (per-layer source ids) the bundle was exported for, and `model`: the
+decoder dims (genai_config.json's "model" section; the bundle ships no genai_config.json, having no model.onnx).
 """
 
 from __future__ import annotations
@@ -274,6 +275,7 @@ def make_swappable(static_dir: Path, dst: Path, pools: dict[str, list], progress
     blocks = find_moe_blocks(graph)
     segs = partition(graph, blocks)
     types = _elem_types(graph)
+    graph_in = {v.name: v for v in graph.input}
     remap = {rec["layer"]: rec for rec in manifest["experts"]}
     for name, layers in pools.items():
         for rec in manifest["experts"]:
@@ -296,7 +298,9 @@ def make_swappable(static_dir: Path, dst: Path, pools: dict[str, list], progress
                     continue
                 off, length = bw.put(name, raw(t).reshape(-1).view(np.uint8))
                 protos.append(_ext_proto(t, BACKBONE_DATA, off, length))
-            g = helper.make_graph(seg["nodes"], f"emo_segment_{s}", [_value_info(i, types) for i in seg["inputs"]],
+            # graph inputs keep their declared shapes: the runtime checks the KV dims against them
+            g = helper.make_graph(seg["nodes"], f"emo_segment_{s}",
+                                  [graph_in.get(i) or _value_info(i, types) for i in seg["inputs"]],
                                   [_value_info(o, types) for o in seg["outputs"]], protos)
             fname = f"seg{s}.onnx"
             onnx.save(_model(g, model), str(dst / fname))
@@ -375,9 +379,11 @@ def export_swappable(model: Path, pools: str, budget: str | None, context: int, 
     a "swappable" summary."""
     from emo_edge.checkpoint import CheckpointView
     from emo_edge.export import bundle_writer, pipeline
-    from emo_edge.fsutil import atomic_dir
+    from emo_edge.fsutil import atomic_dir, check_target, scratch
 
     model = Path(model)
+    if out is not None:  # fail before any work; checked again at the rename
+        check_target(out, force)
     view = CheckpointView(model)
     spec = view.spec
     names = [n.strip() for n in pools.split(",") if n.strip()]
@@ -390,30 +396,30 @@ def export_swappable(model: Path, pools: str, budget: str | None, context: int, 
         catalog[p.name] = [None if layer.num_experts == 0 else
                            (sorted(set(e) - set(layer.implicit_experts)) if e is not None else list(layer.routed_experts))
                            for layer, e in zip(spec.layers, p.layers)]
-    out = Path(out) if out else pipeline.default_out(model, pools, precision + "-swappable")
-    if out.exists() and not force:
-        raise EmoEdgeError(f"{out}: already exists (use --force to replace it)")
-    tmp_static = out.with_name(f".{out.name}.union-static")
-    shutil.rmtree(tmp_static, ignore_errors=True)
-    try:
-        report = pipeline.export(model, pools, None, context, target, precision, tmp_static, True, verify,
+    out = check_target(out if out is not None else pipeline.default_out(model, pools, precision + "-swappable"), force)
+    with scratch(out, BundleError) as work:  # the union's static bundle lives in our marked scratch dir, removed on any exit
+        tmp_static = work / "union-static"
+        report = pipeline.export(model, pools, None, context, target, precision, tmp_static, False, verify,
                                  progress, n_verify)
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, error=BundleError) as tmp:
             section = make_swappable(tmp_static, tmp, catalog)
-            for name in ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "report.json", "report.md"):
+            # no genai_config.json / config.json here: both name model.onnx, which a swappable bundle does not
+            # have (onnxruntime-genai and optimum would fail on it); its decoder dims are the manifest's
+            # swappable.model, exactly genai_config.json's "model" section
+            section["model"] = json.loads((tmp_static / "genai_config.json").read_text())["model"]
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if (tmp_static / name).is_file():
                     shutil.copyfile(tmp_static / name, tmp / name)
+            report = dict(report, path=str(out), name=out.name)  # the bundle's own, not the union's scratch path
+            bundle_writer.write_json(tmp / "report.json", report)
+            (tmp / "report.md").write_text(bundle_writer.report_md(report), encoding="utf-8")
             static_m = json.loads((tmp_static / "manifest.json").read_text())
             body = {k: v for k, v in static_m.items() if k not in ("files", "schema_version", "emo_edge_version")}
             body["kind"] = "swappable"
             body["budget"] = budget
             body["swappable"] = section
             bundle_writer.write_manifest(tmp, body)
-    finally:
-        shutil.rmtree(tmp_static, ignore_errors=True)
     union = [len(m["experts"]) for m in section["moe"]]
-    report = dict(report)
     report["swappable"] = {"out": str(out), "union_experts_per_layer": union,
                            "pools": {k: [None if v is None else len(v) for v in layers] for k, layers in catalog.items()},
                            "shard_bytes": sum((out / m["shard"]).stat().st_size for m in section["moe"]),

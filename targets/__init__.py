@@ -10,12 +10,14 @@ Registry: `TARGETS` maps name -> Target (every *.json in this directory); `get_t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from emo_edge.errors import EmoEdgeError
+from emo_edge.schema import Count, Positive, Schema, Str, load_json, validate
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 COMPONENTS = ("attention", "experts", "embedding", "lm_head")
@@ -95,6 +97,39 @@ class Target:
         return asdict(self)
 
 
+# ---- the targets/<name>.json schema (pydantic, via emo_edge.schema) ------------------------------------------
+NonNegativeFinite = Annotated[float, Field(allow_inf_nan=False, ge=0)]
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+FloatDtype = Literal["float32", "float16"]
+
+
+class OverheadFile(Schema):
+    base_bytes: Count
+    weight_fraction: NonNegativeFinite
+    per_token_per_hidden: Count
+    prefill_tokens: Count
+
+
+class TargetFile(Schema):
+    name: Str
+    description: Str
+    arch: Str
+    ops: list[Str]
+    precisions: dict[Str, list[Precision]]
+    block_size: Positive
+    accuracy_level: Count
+    symmetric: bool
+    scale_dtype: FloatDtype
+    activation_dtype: FloatDtype
+    kv_cache_dtype: FloatDtype
+    fp16_resident_bytes: Positive
+    max_protobuf_bytes: Positive
+    max_data_file_bytes: Positive
+    threads: dict[Str, Count]
+    overhead: OverheadFile
+    verify: dict[Str, dict[Str, NonNegativeFinite]]
+
+
 def _strip(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _strip(v) for k, v in d.items() if not k.startswith("_")}
@@ -103,31 +138,26 @@ def _strip(d: Any) -> Any:
 
 def load_target(path: str | Path) -> Target:
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EmoEdgeError(f"{path}: cannot read target ({exc})") from None
-    d = _strip(raw)
-    notes = tuple(raw.get("_notes", ()))
-    try:
-        precisions = {c: tuple(v) for c, v in d["precisions"].items()}
-        for c in COMPONENTS:
-            bad = [p for p in precisions[c] if p not in PRECISIONS]
-            if bad:
-                raise EmoEdgeError(f"{path}: component '{c}' lists unknown precision '{bad[0]}'")
-        verify = {p: {m: float(v) for m, v in ms.items()} for p, ms in d["verify"].items()}
-        target = Target(
-            name=d["name"], description=d["description"], arch=d["arch"], ops=tuple(d["ops"]),
-            precisions=precisions, block_size=int(d["block_size"]), accuracy_level=int(d["accuracy_level"]),
-            symmetric=bool(d["symmetric"]), scale_dtype=d["scale_dtype"], activation_dtype=d["activation_dtype"],
-            kv_cache_dtype=d["kv_cache_dtype"], fp16_resident_bytes=int(d["fp16_resident_bytes"]),
-            max_protobuf_bytes=int(d["max_protobuf_bytes"]), max_data_file_bytes=int(d["max_data_file_bytes"]),
-            threads={k: int(v) for k, v in d["threads"].items()},
-            overhead=Overhead(**d["overhead"], measured=raw["overhead"].get("_measured", "")),
-            verify=verify, notes=notes,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EmoEdgeError(f"{path}: malformed target ({exc!r})") from None
+    raw = load_json(path, EmoEdgeError)  # bounded size and nesting (so _strip's recursion is bounded too)
+    if not isinstance(raw, dict):
+        raise EmoEdgeError(f"{path}: a target is a JSON object")
+    t = validate(_strip(raw), TargetFile, str(path), EmoEdgeError)
+    notes = validate(raw.get("_notes", []), list[Str], f"{path}: field '_notes'", EmoEdgeError)
+    measured = raw["overhead"].get("_measured", "")
+    missing = [c for c in COMPONENTS if c not in t.precisions]
+    if missing:
+        raise EmoEdgeError(f"{path}: field 'precisions': no entry for component '{missing[0]}'")
+    target = Target(
+        name=t.name, description=t.description, arch=t.arch, ops=tuple(t.ops),
+        precisions={c: tuple(v) for c, v in t.precisions.items()}, block_size=t.block_size,
+        accuracy_level=t.accuracy_level, symmetric=t.symmetric, scale_dtype=t.scale_dtype,
+        activation_dtype=t.activation_dtype, kv_cache_dtype=t.kv_cache_dtype,
+        fp16_resident_bytes=t.fp16_resident_bytes, max_protobuf_bytes=t.max_protobuf_bytes,
+        max_data_file_bytes=t.max_data_file_bytes, threads=dict(t.threads),
+        overhead=Overhead(**t.overhead.model_dump(include=set(OverheadFile.model_fields)),
+                          measured=measured if isinstance(measured, str) else ""),
+        verify={p: dict(ms) for p, ms in t.verify.items()}, notes=tuple(notes),
+    )
     if target.name != path.stem:
         raise EmoEdgeError(f"{path}: target name '{target.name}' does not match the file name")
     return target

@@ -167,9 +167,11 @@ def _file_rss(path: Path) -> int:
 
 def test_mapped_store_corruption_refused_and_residency(world, tmp_path, monkeypatch):
     """Mapped mechanism: only the active (and cached) experts' pages are resident; evicted ones leave memory; an
-    expert whose prepared bytes fail their sha256 on load aborts the swap and the old pool keeps serving."""
+    expert whose prepared bytes fail their sha256 on load makes the runtime prepare the store again (once, with a
+    notice) and the swap then succeeds with the right logits."""
     monkeypatch.setenv("EMO_EDGE_HOME", str(tmp_path / "home"))
-    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
+    said = []
+    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped", progress=said.append)
     assert rt.mechanism == "mapped"
     L = rt.layers[1]
     ml = L.mapped
@@ -197,15 +199,12 @@ def test_mapped_store_corruption_refused_and_residency(world, tmp_path, monkeypa
         byte = f.read(1)
         f.seek(a + 3)
         f.write(bytes([byte[0] ^ 0x5A]))
-    with pytest.raises(BundleError, match=rf"expert {victim} of layer {L.layer} fails its sha256"):
-        rt.use("letters")
-    assert rt.active_name == "digits" and L.pos[victim] not in ml.resident
-    assert np.array_equal(rt.logits(IDS), before)
-    assert rt.generate(IDS, pool=None, max_new_tokens=3)["pool"] == "digits"
-    rt.close()
-    # the next open finds the store stale (onnxruntime's own validation) and prepares it again
-    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
-    assert np.array_equal(rt.logits(IDS, pool="letters"), Bundle(world["dir"] / "static-letters-int4").logits(IDS))
+    said.clear()
+    rt.use("letters")
+    assert any(f"expert {victim} of layer {L.layer} fails its sha256" in m and "preparing again" in m for m in said)
+    assert rt.active_name == "letters"
+    assert np.array_equal(rt.logits(IDS), Bundle(world["dir"] / "static-letters-int4").logits(IDS))
+    assert np.array_equal(rt.logits(IDS, pool="digits"), before)
     rt.close()
 
 

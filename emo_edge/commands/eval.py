@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import PoolError
+from ..progress import note
+from .options import POSITIVE, check_pool_names, model_option
 
 
 def _fractions(text: str) -> list[float]:
@@ -21,11 +23,48 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def check_plot(plot: str | None, sweep: str | None, force: bool = False) -> None:
+    """--plot is checked before the sweep runs: it needs --sweep, an existing directory, and --force to replace
+    a file."""
+    if not plot:
+        return
+    if not sweep:
+        raise PoolError("--plot needs --sweep")
+    parent = Path(plot).parent
+    if not parent.is_dir():
+        raise PoolError(f"--plot {plot}: directory {parent} does not exist")
+    if Path(plot).is_dir():
+        raise PoolError(f"--plot {plot}: is a directory; give a .png file name")
+    if Path(plot).exists() and not force:
+        raise PoolError(f"--plot {plot}: already exists (use --force to replace it)")
+
+
+def sweep_pools(view, name: str, fractions: list[float], calib, method: str, catalog) -> list:
+    """The pools of a retention sweep, one per fraction. They are helpers of this measurement: discovered in
+    memory and never stored in the catalog (only an entry the catalog already has is reused)."""
+    from ..pools import Catalog, discover_pool
+    from ..pools.catalog import builtin_calib, builtin_entry_name
+    from .pools import _progress
+
+    cat = Catalog(view, catalog)
+    pools = []
+    for f in fractions:
+        entry = builtin_entry_name(name, f, method)
+        existing = None if calib else cat.get(entry)
+        if existing is not None:
+            pools.append(existing)
+            continue
+        files = list(calib) if calib else [builtin_calib(name)]
+        pools.append(discover_pool(view, f"{name}@{f:g}", files, method=method, fraction=f, progress=_progress,
+                                   log=lambda m: note(m + " (for this sweep only; not stored in the catalog)")))
+    return pools
+
+
 def _ppl(nll: float, n: int, kl: float = 0.0) -> float:
     return math.exp(nll / n) if n else float("nan")
 
 
-def plot_retention(path: str, rows: list[tuple[float, float]], title: str) -> None:
+def plot_retention(path: str, rows: list[tuple[float, float]], title: str, force: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,41 +86,42 @@ def plot_retention(path: str, rows: list[tuple[float, float]], title: str) -> No
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), force)
 
 
 def register(cli: click.Group) -> None:
     @cli.command("eval")
-    @click.argument("model", required=False)
+    @model_option
     @click.option("--pool", "pool_names", required=True,
                   help="Pool(s): catalog names, built-in domains (math, code, prose, chat) or pool .json files; "
                        "a comma-separated list means their union.")
     @click.option("--text", "text_files", multiple=True,
                   help="Held-out text (JSONL or blank-line-separated plain text); default for a built-in domain: "
                        "its built-in held-out set.")
-    @click.option("--max-docs", type=int, default=32, show_default=True, help="Held-out documents per file.")
-    @click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens per document.")
+    @click.option("--max-docs", type=POSITIVE, default=32, show_default=True, help="Held-out documents per file.")
+    @click.option("--max-tokens", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per document.")
     @click.option("--sweep", help="Fractions to discover the pool at, e.g. 0.5,0.25,0.125 (retention table).")
     @click.option("--calib", multiple=True, help="Calibration files for --sweep (default: the built-in domain's).")
     @click.option("--method", type=click.Choice(["mass", "layerwise", "easy-ep"]), default="layerwise",
                   show_default=True, help="Discovery method for --sweep.")
     @click.option("--plot", help="With --sweep: draw the retention curve to this PNG.")
+    @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
     @click.option("--catalog", help="Catalog directory.")
-    def eval_cmd(model, pool_names, text_files, max_docs, max_tokens, sweep, calib, method, plot, catalog):
+    def eval_cmd(model, pool_names, text_files, max_docs, max_tokens, sweep, calib, method, plot, force, catalog):
         """Perplexity of the full model vs the pool-restricted model on held-out text, and their ratio."""
         from ..checkpoint import CheckpointView
         from ..models import resolve_model
-        from ..pools import BUILTIN_DOMAINS, compose, discover_pool, resolve_pools
-        from ..pools.calib import load_calibration
-        from ..pools.discover import doc_nll
-        from ..reference import Reference
-        from ..tokenizer import load_tokenizer
-        from .pools import _progress
+        from ..pools import BUILTIN_DOMAINS
 
-        if plot and not sweep:
-            raise PoolError("--plot needs --sweep")
+        check_plot(plot, sweep, force)
+        fractions = _fractions(sweep) if sweep else None
         view = CheckpointView(resolve_model(model))
-        names = [s.strip() for s in pool_names.split(",") if s.strip()]
+        if sweep and calib:  # the name only labels the pools rediscovered from --calib
+            from ..pools.catalog import check_name
+
+            names = [check_name(n.strip()) for n in pool_names.split(",") if n.strip()]
+        else:  # unknown names fail before any work
+            names = check_pool_names(view, pool_names, "--pool", catalog)
         files = list(text_files)
         if not files:
             domains = [n for n in names if n in BUILTIN_DOMAINS]
@@ -89,12 +129,24 @@ def register(cli: click.Group) -> None:
                 raise PoolError("give --text FILE (held-out text); only built-in domains have a default")
             from ..pools.catalog import BUILTIN_CALIB
             files = [str(BUILTIN_CALIB.parent / "heldout" / f"{d}.jsonl") for d in domains]
+        if sweep:
+            if len(names) != 1:
+                raise PoolError("--sweep takes one pool name (a built-in domain, or any name with --calib)")
+            if not calib and names[0] not in BUILTIN_DOMAINS:
+                raise PoolError(f"--sweep: '{names[0]}' is not a built-in domain; give --calib FILE to "
+                                f"rediscover it")
+        from ..pools import compose, resolve_pools
+        from ..pools.calib import load_calibration
+        from ..pools.discover import doc_nll
+        from ..reference import Reference
+        from ..tokenizer import load_tokenizer
+        from .pools import _progress
+
         held = load_calibration(files, load_tokenizer(view.root), max_tokens=max_tokens, max_docs=max_docs)
         ref = Reference(view, streaming=True)
 
         if not sweep:
-            pools = resolve_pools(view, names, catalog, progress=_progress,
-                                  log=lambda m: click.echo(m, err=True))
+            pools = resolve_pools(view, names, catalog, progress=_progress, log=note)
             union = compose(pools)
             (full, pooled) = doc_nll(ref, held.docs, [None, union], progress=_progress)
             pf, pp = _ppl(*full), _ppl(*pooled)
@@ -107,20 +159,8 @@ def register(cli: click.Group) -> None:
             click.echo(f"ratio pool/full    {pp / pf:.4f}   (mean KL full||pool {pooled[2]:.5f} nats/token)")
             return
 
-        fractions = _fractions(sweep)
-        if len(names) != 1:
-            raise PoolError("--sweep takes one pool name (a built-in domain, or any name with --calib)")
         name = names[0]
-        if not calib and name not in BUILTIN_DOMAINS:
-            raise PoolError(f"--sweep: '{name}' is not a built-in domain; give --calib FILE to rediscover it")
-        pools = []
-        for f in fractions:
-            if calib:
-                pools.append(discover_pool(view, f"{name}@{f:g}", calib, method=method, fraction=f,
-                                           progress=_progress))
-            else:
-                pools.append(resolve_pools(view, [name], catalog, fraction=f, method=method, progress=_progress,
-                                           log=lambda m: click.echo(m, err=True))[0])
+        pools = sweep_pools(view, name, fractions, calib, method, catalog)
         results = doc_nll(ref, held.docs, [None] + [p.layers for p in pools], progress=_progress)
         pf = _ppl(*results[0])
         total = sum(len(l.routed_experts) for l in view.spec.layers if l.num_experts)
@@ -140,5 +180,5 @@ def register(cli: click.Group) -> None:
         for r in rows:
             click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
         if plot:
-            plot_retention(plot, curve, f"{name}: quality vs experts kept ({method})")
+            plot_retention(plot, curve, f"{name}: quality vs experts kept ({method})", force)
             click.echo(f"wrote {plot}")

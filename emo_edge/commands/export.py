@@ -1,4 +1,8 @@
-"""`emo-edge export [--model CKPT] --pools math,code --budget 4GB ...`: a verified ONNX bundle."""
+"""`emo-edge export [--model CKPT] --pools math,code --budget 4GB ...`: a verified ONNX bundle.
+
+Every argument is checked first (`preflight`), with the light modules only (click, numpy, the checkpoint's
+headers, the pool catalog): torch and onnx are imported by the export stages, and pools are discovered, only
+after all of it passed, so a typo costs a fraction of a second, not the imports and minutes of discovery."""
 
 from __future__ import annotations
 
@@ -6,40 +10,103 @@ from pathlib import Path
 
 import click
 
+from ..errors import BudgetError, EmoEdgeError, PoolError
+from .options import BUDGET_HELP, check_pool_names, model_option, parse_budget
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def check_precision(precision: str, target) -> None:
+    from ..plan import _parse_precision
+
+    for component, p in _parse_precision(precision).items():
+        if p not in target.precisions_for(component):
+            raise EmoEdgeError(f"--precision: target '{target.name}' cannot store {component} at {p} "
+                               f"(allowed: {', '.join(target.precisions_for(component))})")
+
+
+def preflight(model, pools, budget, context, target, precision, out, force, swappable):
+    """All argument checks of `export`, before any heavy import or pool discovery. Returns the model path."""
+    from targets import get_target
+
+    from ..checkpoint import CheckpointView
+    from ..fsutil import check_target
+    from ..models import resolve_model
+    from ..spec import check_context
+
+    budget_bytes = parse_budget(budget)
+    if swappable and budget_bytes is not None:
+        raise BudgetError("--budget does not apply to --swappable: the bundle holds every pool and `emo-edge chat "
+                          "BUNDLE --budget ...` keeps within the budget at run time; drop --budget here")
+    tgt = get_target(target)
+    check_precision(precision, tgt)
+    if out is not None:
+        check_target(out, force)
+    path = resolve_model(model)
+    view = CheckpointView(path)
+    if context is not None:
+        check_context(view.spec, context)
+    names = check_pool_names(view, pools, "--pools", allow_all=True)
+    if swappable and names == ["all"]:
+        raise PoolError("--swappable needs named pools (e.g. --pools math,code,prose,chat)")
+    if out is None and precision in PRECISIONS and not swappable:  # the default name is known before the plan
+        from ..export.pipeline import default_out
+
+        check_target(default_out(path, pools, precision), force)
+    return path
+
 
 def register(cli: click.Group) -> None:
     @cli.command("export")
-    @click.option("--model", "model", default=None, help="Checkpoint directory (default: see resolve_model).")
+    @model_option
     @click.option("--pools", required=True, help="Comma-separated pool names or pool JSON files, or 'all'.")
-    @click.option("--budget", default=None, help="Bundle weight budget, e.g. 4GB.")
-    @click.option("--context", type=int, help="Context length in tokens [default: the model's "
-                  "max_position_embeddings, or 4096 when the checkpoint says -1 (unknown)].")
+    @click.option("--budget", default=None, help=BUDGET_HELP + " The planner picks precisions (and trims "
+                  "lowest-scored experts if it must) so that the bundle fits.")
+    @click.option("--context", type=click.IntRange(min=8), help="Context length in tokens, at least 8 [default: "
+                  "the model's max_position_embeddings, or 4096 when the checkpoint says -1 (unknown)].")
     @click.option("--target", default="cpu", show_default=True, help="Target (cpu, arm64).")
     @click.option("--precision", default="auto", show_default=True,
                   help="auto|fp32|fp16|int8|int4, or per component: experts=int4,attention=int8,...")
     @click.option("--out", default=None, help="Bundle directory (default ./bundles/<model>-<pools>-<precision>).")
-    @click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
+    @click.option("--force", is_flag=True, help="Replace an existing bundle directory (only an emo-edge bundle).")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Check against the reference.")
     @click.option("--swappable", is_flag=True, help="Backbone + per-expert shards for the pool-swapping runtime "
-                  "(`emo-edge chat`): every pool's experts stored once, loaded on demand.")
+                  "(`emo-edge chat`): every pool's experts stored once, loaded on demand. Takes no --budget (give "
+                  "it to `chat`).")
     def export_cmd(model, pools, budget, context, target, precision, out, force, verify, swappable):
         """Export a verified ONNX bundle of the model restricted to the pools' experts."""
-        from ..export.pipeline import export
-        from ..models import resolve_model
-        from ..units import fmt_bytes
+        path = preflight(model, pools, budget, context, target, precision, out, force, swappable)
+        from ..export.pipeline import export, rss_peak
 
-        path = resolve_model(model)
         if swappable:
             from exporters.swappable import export_swappable as export
-        report = export(path, pools, budget, context, target, precision, Path(out) if out else None, force, verify)
-        v = report["verification"]
-        precision_text = ", ".join(f"{c} {p}" for c, p in report["plan"]["precision"].items())
-        click.echo(f"bundle: {report['path']} ({fmt_bytes(sum(report['sizes'].values()))}; {precision_text})")
-        if v:
-            extra = (f"max|diff| {v['max_abs_diff']:.2e} (tol {v['tolerance']:.2e}), greedy identical "
-                     f"{v['greedy_identical']}" if v["mode"] == "fp32" else
-                     f"top-1 {v['top1_agreement']:.3f} (decisive tokens: "
-                     f"{'-' if v['top1_decisive'] is None else format(v['top1_decisive'], '.3f')} of "
-                     f"{v['decisive_tokens']}), KL {v['kl_mean']:.4f}, ppl ratio {v['ppl_ratio']:.3f}")
-            click.echo(f"verification: {'PASS' if v['passed'] else 'FAIL'}: {extra}")
-        click.echo(f"export peak RSS (build): {fmt_bytes(report['peak_rss_build_bytes'])}")
+        report = export(path, pools, budget, context, target, precision, Path(out) if out is not None else None,
+                        force, verify)
+        for line in summary_lines(report):
+            click.echo(line)
+        click.echo(f"export peak RSS: {fmt_peak(report.get('peak_rss_build_bytes'))} after the build stage, "
+                   f"{fmt_peak(rss_peak())} for the whole process (VmHWM)")
+
+
+def fmt_peak(n: int | None) -> str:
+    from ..units import fmt_bytes
+
+    return "-" if n is None else fmt_bytes(n)
+
+
+def summary_lines(report: dict) -> list[str]:
+    from ..units import fmt_bytes
+
+    v = report["verification"]
+    precision_text = ", ".join(f"{c} {p}" for c, p in report["plan"]["precision"].items())
+    lines = [f"bundle: {report['path']} ({fmt_bytes(sum(report['sizes'].values()))}; {precision_text})"]
+    if v:
+        extra = (f"max|diff| {v['max_abs_diff']:.2e} (tol {v['tolerance']:.2e}), greedy identical "
+                 f"{v['greedy_identical']}" if v["mode"] == "fp32" else
+                 f"top-1 {v['top1_agreement']:.3f} (decisive tokens: "
+                 f"{'-' if v['top1_decisive'] is None else format(v['top1_decisive'], '.3f')} of "
+                 f"{v['decisive_tokens']}), KL {v['kl_mean']:.4f}, ppl ratio {v['ppl_ratio']:.3f}")
+        lines.append(f"verification: {'PASS' if v['passed'] else 'FAIL'}: {extra}")
+        if v.get("sample"):
+            lines.append(f"verification sample: {v['sample']['text']}")
+    return lines

@@ -7,6 +7,7 @@ import click
 from ..checkpoint import CheckpointView
 from ..models import resolve_model
 from ..units import fmt_bytes, fmt_count
+from .options import model_option
 
 # bytes per parameter of a block-quantized matrix (block 32, one fp16 scale per block)
 INT8_BPP = 1 + 2 / 32
@@ -49,8 +50,8 @@ def inspect_lines(view: CheckpointView) -> list[str]:
 
 def register(cli: click.Group) -> None:
     @cli.command("inspect")
-    @click.argument("checkpoint", required=False)
-    def inspect_cmd(checkpoint: str | None) -> None:
+    @model_option
+    def inspect_cmd(model: str | None) -> None:
         """Print a checkpoint's shape, routing variant, parameter counts and sizes."""
-        view = CheckpointView(resolve_model(checkpoint))
+        view = CheckpointView(resolve_model(model))
         click.echo("\n".join(inspect_lines(view)))

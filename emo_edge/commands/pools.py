@@ -5,12 +5,20 @@ from __future__ import annotations
 import click
 
 from ..errors import PoolError
+from .options import model_option
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
+    """The progress bar of every pool sweep (discovery, perplexity): counts tokens."""
+    from ..progress import bar
 
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False)
+    return bar(total, desc, unit="tok", unit_scale=True)
+
+
+def _note(text: str) -> None:
+    from ..progress import note
+
+    note(text)
 
 
 def _view(model):
@@ -45,6 +53,19 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+SHOW_LEGEND = "\n".join([
+    "kept/of   routed experts kept / routed experts in the layer",
+    "coverage  share of the calibration tokens' router probability mass (routed experts) the kept experts get",
+    "topk-hit  share of the calibration tokens' top-k expert choices that are kept experts",
+    "+shared, +always-active  experts every token uses: always kept, not counted in 'kept'",
+])
+
+
+def _implicit_word(layer) -> str:
+    """How `pools show` names a layer's implicit experts: shared (the last n) or always-active."""
+    return "always-active" if layer.always_active else "shared"
+
+
 def expert_bytes(view, layers) -> tuple[int, int]:
     """Bytes of the experts a pool keeps (implicit experts included): at the checkpoint dtype and at int4
     (block 32 with an fp16 scale per block)."""
@@ -65,7 +86,7 @@ def register(cli: click.Group) -> None:
         """Domain pools: the experts a domain uses (discover, list, show, compose)."""
 
     @pools.command("discover")
-    @click.argument("model")
+    @model_option
     @click.option("--name", required=True, help="Catalog name of the pool, e.g. math.")
     @click.option("--calib", "calib", multiple=True, required=True,
                   help="Calibration file (repeatable): JSONL with a \"text\" field per line, or plain UTF-8 text "
@@ -92,7 +113,7 @@ def register(cli: click.Group) -> None:
         if existing.is_file() and not force:
             raise PoolError(f"{existing}: pool '{name}' already exists (use --force to replace it)")
         pool = discover_pool(view, name, calib, method=method, experts=_experts_opt(experts), fraction=fraction,
-                             max_tokens=max_tokens, progress=_progress)
+                             max_tokens=max_tokens, progress=_progress, log=_note)
         path = cat.put(pool, force=force)
         cal = pool.calibration
         click.echo(f"pool '{name}': {method}, {_sizes_text(pool)} routed experts per layer, mean router-mass "
@@ -100,7 +121,7 @@ def register(cli: click.Group) -> None:
         click.echo(f"wrote {path}")
 
     @pools.command("list")
-    @click.argument("model", required=False)
+    @model_option
     @click.option("--catalog", help="Catalog directory.")
     def list_cmd(model, catalog):
         """List the pools of a checkpoint (shipped, cached, and built-in domains not yet discovered)."""
@@ -126,7 +147,7 @@ def register(cli: click.Group) -> None:
 
     @pools.command("show")
     @click.argument("name")
-    @click.argument("model", required=False)
+    @model_option
     @click.option("--catalog", help="Catalog directory.")
     @click.option("--json", "as_json", is_flag=True, help='Print the pool file {"layers": [...]} instead.')
     def show_cmd(name, model, catalog, as_json):
@@ -134,7 +155,7 @@ def register(cli: click.Group) -> None:
         from ..pools import resolve_pools
 
         view = _view(model)
-        (pool,) = resolve_pools(view, [name], catalog, progress=_progress)
+        (pool,) = resolve_pools(view, [name], catalog, progress=_progress, log=_note)
         if as_json:
             click.echo(pool.pool_file_json(), nl=False)
             return
@@ -151,16 +172,18 @@ def register(cli: click.Group) -> None:
                 rows.append([str(i), "-", "-", "-", "-", "dense"])
                 continue
             ids = list(layer.routed_experts) if kept is None else kept
-            imp = f" +implicit {list(layer.implicit_experts)}" if layer.implicit_experts else ""
+            imp = f" +{_implicit_word(layer)} {','.join(map(str, layer.implicit_experts))}" \
+                if layer.implicit_experts else ""
             rows.append([str(i), str(len(ids)), str(len(layer.routed_experts)),
                          f"{st['coverage']:.3f}" if "coverage" in st else "-",
                          f"{st['topk_hit']:.3f}" if "topk_hit" in st else "-",
                          ",".join(map(str, ids)) + imp])
         click.echo(_table(rows))
+        click.echo(SHOW_LEGEND)
 
     @pools.command("compose")
     @click.argument("names")
-    @click.argument("model", required=False)
+    @model_option
     @click.option("--catalog", help="Catalog directory.")
     def compose_cmd(names, model, catalog):
         """Per-layer union of pools (e.g. math,code): sizes, overlap (Jaccard) and the union's expert bytes."""
@@ -170,7 +193,7 @@ def register(cli: click.Group) -> None:
         from ..units import fmt_bytes
 
         view = _view(model)
-        pools_ = resolve_pools(view, [names], catalog, progress=_progress)
+        pools_ = resolve_pools(view, [names], catalog, progress=_progress, log=_note)
         union = compose(pools_)
         pairs = list(combinations(range(len(pools_)), 2))
         head = ["layer"] + [p.name for p in pools_] + [f"J({pools_[a].name},{pools_[b].name})" for a, b in pairs] \

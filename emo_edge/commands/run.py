@@ -5,38 +5,41 @@ from __future__ import annotations
 
 import click
 
+from .options import NEW_TOKENS, SEED, TEMPERATURE, THREADS, TOP_P
+
 
 def register(cli: click.Group) -> None:
     @cli.command("run")
     @click.argument("bundle")
     @click.option("--prompt", required=True, help="Prompt text.")
-    @click.option("--max-new-tokens", default=64, show_default=True, type=int)
-    @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-    @click.option("--top-p", default=1.0, show_default=True, type=float)
-    @click.option("--seed", default=None, type=int)
-    @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
+    @click.option("--max-new-tokens", default=64, show_default=True, type=NEW_TOKENS, help="At least 1.")
+    @click.option("--temperature", default=0.0, show_default=True, type=TEMPERATURE, help="0 = greedy; >= 0.")
+    @click.option("--top-p", default=1.0, show_default=True, type=TOP_P, help="Nucleus sampling mass, in (0, 1].")
+    @click.option("--seed", default=None, type=SEED, help="Sampling seed (>= 0).")
+    @click.option("--threads", default=None, type=THREADS, help="onnxruntime intra-op threads (0 = its default).")
     def run_cmd(bundle, prompt, max_new_tokens, temperature, top_p, seed, threads):
         """Generate text from an exported bundle."""
-        from ..bundle import Bundle
-        from ..errors import BundleError
+        from ..bundle import Bundle, check_prompt
+        from ..tokenizer import TextStream
 
         b = Bundle(bundle, threads=threads)
         ids = b.tokenizer.encode(prompt)
-        if not ids:
-            raise BundleError("the prompt encodes to no tokens")
-        out: list[int] = []
-        shown = [""]
-
-        def on_token(t: int) -> None:
-            out.append(t)
-            text = b.tokenizer.decode(out)
-            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                click.echo(text[len(shown[0]):], nl=False)
-                shown[0] = text
-
+        check_prompt(len(ids), b.context, "the bundle's context")  # before anything is printed
+        stream = TextStream(b.tokenizer, lambda s: click.echo(s, nl=False))
         click.echo(prompt, nl=False)
-        _, t = b.generate(ids, max_new_tokens, temperature, top_p, seed, on_token=on_token)
-        rest = b.tokenizer.decode(out)[len(shown[0]):]
-        click.echo(rest)
+        _, t = b.generate(ids, max_new_tokens, temperature, top_p, seed, on_token=stream.push)
+        end_text(prompt + stream.finish())
+        if t["stop"] == "context":
+            click.echo(f"stopped: context full at {t['total_tokens']} tokens (the bundle's context length)", err=True)
         click.echo(f"prefill: {t['prefill_tokens']} tokens, {t['prefill_tok_s']:.1f} tok/s; "
                    f"decode: {t['decode_tokens']} tokens, {t['decode_tok_s']:.1f} tok/s", err=True)
+
+
+def end_text(text: str) -> None:
+    """End the streamed text with a newline and flush stdout, so that what goes to stderr next starts a line of
+    its own even when both streams share one pipe."""
+    import sys
+
+    if not text.endswith("\n"):
+        click.echo("")
+    sys.stdout.flush()

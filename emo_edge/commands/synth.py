@@ -9,6 +9,8 @@ import click
 from ..errors import EmoEdgeError
 from ..synth import PRESETS, synthesize, with_layers
 from ..units import parse_int_list, parse_size
+from ..progress import wrap
+from .options import NON_NEGATIVE, POSITIVE, FiniteFloatRange
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
@@ -26,29 +28,29 @@ def register(cli: click.Group) -> None:
     @cli.command("synth")
     @click.argument("out")
     @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
-    @click.option("--layers", type=int, help="Number of decoder layers (overrides the preset).")
+    @click.option("--layers", type=POSITIVE, help="Number of decoder layers (overrides the preset).")
     @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
     @click.option("--shard-size", help="Split weights into shards of at most this size, e.g. 200MB.")
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--vocab", type=int, help="Embedding rows (vocab_size).")
-    @click.option("--hidden", type=int, help="hidden_size")
-    @click.option("--intermediate", type=int, help="Expert intermediate_size.")
-    @click.option("--heads", type=int, help="num_attention_heads")
-    @click.option("--kv-heads", type=int, help="num_key_value_heads (GQA)")
-    @click.option("--head-dim", type=int)
-    @click.option("--experts", type=int, help="num_experts per MoE layer")
-    @click.option("--top-k", type=int, help="num_experts_per_tok (counts shared/always-active experts)")
-    @click.option("--shared", type=int, help="num_shared_experts (the last n experts)")
+    @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
+    @click.option("--vocab", type=POSITIVE, help="Embedding rows (vocab_size).")
+    @click.option("--hidden", type=POSITIVE, help="hidden_size")
+    @click.option("--intermediate", type=POSITIVE, help="Expert intermediate_size.")
+    @click.option("--heads", type=POSITIVE, help="num_attention_heads")
+    @click.option("--kv-heads", type=POSITIVE, help="num_key_value_heads (GQA)")
+    @click.option("--head-dim", type=POSITIVE)
+    @click.option("--experts", type=NON_NEGATIVE, help="num_experts per MoE layer")
+    @click.option("--top-k", type=POSITIVE, help="num_experts_per_tok (counts shared/always-active experts)")
+    @click.option("--shared", type=NON_NEGATIVE, help="num_shared_experts (the last n experts)")
     @click.option("--always-active", help="always_active_experts, e.g. 0,5")
     @click.option("--always-active-per-layer", help="per-layer always-active ids, ';' between layers: '0;1,2;;0'")
     @click.option("--experts-per-layer", help="num_experts_per_layer, e.g. 8,6,0,8 (0 = dense layer)")
     @click.option("--shared-per-layer", help="num_shared_experts_per_layer, e.g. 1,1,0,2")
-    @click.option("--dense-intermediate", type=int, help="dense_intermediate_size for dense layers")
+    @click.option("--dense-intermediate", type=POSITIVE, help="dense_intermediate_size for dense layers")
     @click.option("--dense-mlp-bias/--no-dense-mlp-bias", default=None)
     @click.option("--norm-topk/--no-norm-topk", default=None, help="norm_topk_prob")
     @click.option("--attention-bias/--no-attention-bias", default=None)
     @click.option("--tie/--no-tie", default=None, help="tie_word_embeddings")
-    @click.option("--rope-theta", type=float)
+    @click.option("--rope-theta", type=FiniteFloatRange(min=0.0, min_open=True))
     @click.option("--rope-scaling", help='rope_scaling JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\'')
     @click.option("--max-positions", type=int, help="max_position_embeddings (-1 = unknown)")
     @click.option("--plant", is_flag=True, help="Plant two domains (digits / letters) routed to disjoint expert groups.")
@@ -58,8 +60,6 @@ def register(cli: click.Group) -> None:
                   shared_per_layer, dense_intermediate, dense_mlp_bias, norm_topk, attention_bias, tie, rope_theta,
                   rope_scaling, max_positions, plant, force):
         """Write a synthetic EMO checkpoint in exactly the upstream layout."""
-        from tqdm import tqdm
-
         shape = PRESETS[preset]
         changes = {k: v for k, v in dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                          num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
@@ -89,5 +89,5 @@ def register(cli: click.Group) -> None:
         size = parse_size(shard_size, "--shard-size") if shard_size else None
         path = synthesize(out, shape, config_overrides=overrides, layers=layers, dtype=dtype, shard_size=size,
                           seed=seed, plant=plant, force=force,
-                          progress=lambda it: tqdm(it, desc="writing tensors", unit="tensor", leave=False))
+                          progress=lambda it: wrap(it, "writing tensors", "tensor"))
         click.echo(f"wrote {path}")

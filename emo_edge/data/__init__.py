@@ -9,7 +9,6 @@ All committed files are produced by `python -m emo_edge.data` from the generator
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -18,8 +17,10 @@ HELDOUT_DOMAINS = ("math", "code", "prose", "chat", "records")
 
 
 def read_jsonl(path: str | Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    """The "text" of each line, read and validated as any calibration JSONL is (pools.calib.read_documents)."""
+    from ..pools.calib import read_documents
+
+    return read_documents(Path(path))[0]
 
 
 def calib_texts(domain: str) -> list[str]:

@@ -2,27 +2,28 @@
 place only when complete and verified.
 
     resolve (model, pools, target, plan) -> build graph (layer by layer, streaming) -> onnx.checker
-    -> tokenizer + genai_config -> verify -> report -> manifest (sha256) -> rename
+    -> tokenizer + genai_config + config.json (Hugging Face) -> verify -> report -> manifest (sha256) -> rename
 """
 
 from __future__ import annotations
 
-import errno
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from .. import progress as progress_out
 from ..checkpoint import CheckpointView
 from ..errors import BundleError, EmoEdgeError
 from ..names import TensorKey
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, check_target, os_reason
 from ..units import parse_size
 from ..plan import ExportPlan, format_plan, make_plan
-from . import bundle_writer, planning, weights
-from exporters import onnx as onnx_exporter
+from . import bundle_writer, planning
+
+# Heavy imports (onnx, torch) happen inside the stages that need them (build, verify, pool discovery), so that
+# `emo-edge export` checks every argument first and a typo fails in a fraction of a second.
 
 PRECISION_ORDER = ("int4", "int8", "fp16", "fp32")  # least precise first
 
@@ -32,6 +33,14 @@ class VerificationError(BundleError):
 
 
 def rss_peak() -> int:
+    """The process's peak resident set size so far: VmHWM from /proc/self/status, else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -66,7 +75,16 @@ def plan_lowest(plan: ExportPlan) -> str:
                key=PRECISION_ORDER.index)
 
 
+def stage_bar(progress: bool, total: float, desc: str, unit: str):
+    """The CLI's progress bar (emo_edge.progress), or a silent one when the caller asked for no progress."""
+    return progress_out.bar(total, desc, unit) if progress else progress_out._Silent()
+
+
 def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> dict:
+    from exporters import onnx as onnx_exporter
+
+    from . import weights
+
     spec = view.spec
     dims = onnx_exporter.ModelDims(spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers,
                                    spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
@@ -79,7 +97,7 @@ def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> 
     emb_rows = lambda a, c: view.tensor(TensorKey("embed"), rows=np.arange(a, c)).numpy()  # noqa: E731
     head_key = TensorKey("embed" if spec.tie_word_embeddings else "lm_head")
     head_rows = lambda a, c: view.tensor(head_key, rows=np.arange(a, c)).numpy()  # noqa: E731
-    bar = tqdm(total=spec.num_layers + 2, desc="export: build graph", unit="step", disable=not progress)
+    bar = stage_bar(progress, spec.num_layers + 2, "export: build graph", "step")
     try:
         b.embedding(emb_rows)
         bar.update()
@@ -104,8 +122,11 @@ DEFAULT_CONTEXT = 4096  # when the checkpoint does not know its own (max_positio
 
 
 def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
-           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 8) -> dict:
+           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int | None = None) -> dict:
+    """`n_verify`: held-out sequences to verify on (None: by model size, see export/verify.py verify_sample)."""
     t0 = time.perf_counter()
+    if out is not None:  # fail before any work; checked again at the rename
+        check_target(out, force)
     view = CheckpointView(model)
     spec = view.spec
     from targets import get_target
@@ -114,26 +135,30 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
     budget_bytes = parse_size(budget, "--budget") if budget else None
     if context is None:
         context = spec.max_position_embeddings or DEFAULT_CONTEXT
-    layers, pool_desc, scores = planning.resolve_pool_layers(view, pools, spec)
+    layers, pool_desc, scores = planning.resolve_pool_layers(
+        view, pools, spec, progress=progress_out.factory("tok") if progress else None,
+        log=progress_out.note if progress else None)
     if context < 8:
         raise EmoEdgeError(f"--context {context} is too small")
     plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, expert_scores=scores,
                      identity=view.identity)
     if progress:
-        tqdm.write(format_plan(plan))
+        progress_out.note(format_plan(plan))
     layers = plan.experts  # the planner may have trimmed experts to fit the budget
-    out = Path(out) if out else default_out(model, pools, plan_label(plan))
-    if out.exists() and not force:
-        raise EmoEdgeError(f"{out}: already exists (use --force to replace it)")
+    out = check_target(out if out is not None else default_out(model, pools, plan_label(plan)), force)
     timings = {}
     try:
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, error=BundleError) as tmp:
             t = time.perf_counter()
             sizes = build(view, plan, tmp, progress)
             timings["build"] = time.perf_counter() - t
             peak = rss_peak()
             bundle_writer.copy_tokenizer(Path(model), tmp, context)
             bundle_writer.write_json(tmp / "genai_config.json", bundle_writer.genai_config(spec, context))
+            bundle_writer.write_json(tmp / "config.json", bundle_writer.hf_config(
+                spec, context, [None if e is None else len(e) for e in layers]))
+            from . import weights
+
             remap = [weights.remap(l, e) for l, e in zip(spec.layers, layers)]
             result = None
             if verify:
@@ -145,6 +170,7 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
                       "pools": pool_desc, "target": tgt.name, "plan": plan_summary(plan),
                       "experts_per_layer": [None if e is None else len(e) for e in layers],
                       "sizes": sizes, "verification": result, "peak_rss_build_bytes": peak,
+                      "peak_rss_bytes": rss_peak(),
                       "timings_s": {**timings, "total": time.perf_counter() - t0}}
             bundle_writer.write_json(tmp / "report.json", report)
             (tmp / "report.md").write_text(bundle_writer.report_md(report), encoding="utf-8")
@@ -159,7 +185,7 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
                 "precision": plan_summary(plan)["precision"],
                 "target": tgt.name, "context_length": context})
     except OSError as exc:
-        what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        what = os_reason(exc)
         raise BundleError(f"{out}: export failed while writing ({what}); nothing was left behind") from None
     return report
 
@@ -181,7 +207,8 @@ def _verify(view, layers, plan, tmp, tgt, progress, n_verify) -> dict:
     lowest = plan_lowest(plan)
     quantized = lowest != "fp32"
     th = {METRIC_KEYS[m]: v for m, v in tgt.verify.get(lowest, {}).items() if m in METRIC_KEYS}
-    return verify_mod().verify(tmp, ref, tok.encode, quantized, th, n_seq=n_verify, progress=progress)
+    return verify_mod().verify(tmp, ref, tok.encode, quantized, th, n_seq=n_verify, progress=progress,
+                               parameters=spec.param_counts()["total"])
 
 
 METRIC_KEYS = {"top1_agreement": "top1_min", "kl": "kl_max", "ppl_ratio": "ppl_ratio_max"}

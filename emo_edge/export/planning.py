@@ -22,14 +22,16 @@ def expert_scores(pools) -> list[dict[int, float] | None]:
     return out
 
 
-def resolve_pool_layers(view, pools: str, spec: EmoSpec) -> tuple[list, list[dict], list | None]:
+def resolve_pool_layers(view, pools: str, spec: EmoSpec, progress=None,
+                        log=None) -> tuple[list, list[dict], list | None]:
+    """`progress`/`log`: shown while a built-in domain is discovered (see `resolve_pools`)."""
     names = [n.strip() for n in pools.split(",") if n.strip()]
     if not names:
         raise PoolError("--pools is empty")
     if names == ["all"]:
         layers = [None if layer.num_experts == 0 else list(layer.routed_experts) for layer in spec.layers]
         return layers, [{"name": "all"}], None
-    resolved = resolve_pools(view, names)
+    resolved = resolve_pools(view, names, progress=progress, log=log)
     union = compose(resolved)
     layers = [None if layer.num_experts == 0 else (list(layer.routed_experts) if entry is None else list(entry))
               for layer, entry in zip(spec.layers, union)]

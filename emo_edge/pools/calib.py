@@ -7,19 +7,28 @@ File convention (documented in `emo-edge pools discover --help`):
 
 Documents are tokenized with the checkpoint's tokenizer and truncated to `max_tokens` each (default 1024, or
 the model's max_position_embeddings when smaller); documents with fewer than 2 tokens are dropped.
+
+Bounds (hostile or mistaken input fails in one line instead of exhausting memory): a file is read up to
+MAX_FILE_BYTES (64 MiB), a document is at most MAX_DOCUMENT_CHARS (1 Mi characters) before tokenizing, and each
+JSONL line is parsed strictly (no NaN, bounded nesting) and validated by `CalibLine`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from ..errors import PoolError
+from ..schema import Schema, parse_json, validate
 
 DEFAULT_MAX_TOKENS = 1024
+MAX_FILE_BYTES = 64 << 20  # one calibration or held-out file (a handful of documents is what discovery needs)
+MAX_DOCUMENT_CHARS = 1 << 20  # one document, before tokenizing (it is cut to max_tokens anyway)
 
 
 @dataclass
@@ -48,17 +57,49 @@ class Calibration:
                 "max_tokens_per_document": self.max_tokens}
 
 
-def read_documents(path: str | Path) -> tuple[list[str], bytes]:
-    """The documents of a calibration/held-out file and its raw bytes. Raises PoolError on bad input."""
-    path = Path(path)
+class CalibLine(Schema):
+    """One line of a calibration JSONL file: {"text": "..."} (other keys are ignored)."""
+
+    text: Annotated[str, Field(strict=True, max_length=MAX_DOCUMENT_CHARS)]
+
+
+def _read_bounded(path: Path) -> bytes:
+    """At most MAX_FILE_BYTES of `path`; a pipe (`--calib <(...)`) is read the same bounded way, a device such
+    as /dev/zero is refused after the bound rather than read until memory runs out."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise PoolError(f"{path}: calibration file not found") from None
     except IsADirectoryError:
         raise PoolError(f"{path}: is a directory, expected a text or JSONL file") from None
     except OSError as exc:
         raise PoolError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise PoolError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; calibration files are at most "
+                        f"{MAX_FILE_BYTES >> 20} MiB (a document at most {MAX_DOCUMENT_CHARS} characters)")
+    return raw
+
+
+def parse_jsonl(text: str, where: str) -> list[str]:
+    """The "text" of each non-blank line of a JSONL file, each line parsed strictly and validated."""
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        obj = parse_json(line, f"{where}:{n}", PoolError)
+        if not isinstance(obj, dict):
+            raise PoolError(f"{where}:{n}: expected a JSON object with a string \"text\" field")
+        doc = validate(obj, CalibLine, f"{where}:{n}", PoolError).text
+        if doc.strip():
+            docs.append(doc)
+    return docs
+
+
+def read_documents(path: str | Path) -> tuple[list[str], bytes]:
+    """The documents of a calibration/held-out file and its raw bytes. Raises PoolError on bad input."""
+    path = Path(path)
+    raw = _read_bounded(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -69,23 +110,16 @@ def read_documents(path: str | Path) -> tuple[list[str], bytes]:
         raise PoolError(f"{path}: contains NUL bytes; give plain text or JSONL")
     stripped = text.lstrip()
     if path.suffix.lower() in (".jsonl", ".ndjson") or stripped.startswith("{"):
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PoolError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise PoolError(f"{path}:{n}: expected a JSON object with a string \"text\" field")
-            if obj["text"].strip():
-                docs.append(obj["text"])
+        docs = parse_jsonl(text, str(path))
     else:
         docs = [d.strip("\n") for d in re.split(r"\n[ \t]*\n(?:[ \t]*\n)*", text.replace("\r\n", "\n"))]
         docs = [d for d in docs if d.strip()]
     if not docs:
         raise PoolError(f"{path}: no documents (the file is empty)")
+    for i, doc in enumerate(docs, 1):
+        if len(doc) > MAX_DOCUMENT_CHARS:  # checked before anything is tokenized
+            raise PoolError(f"{path}: document {i} has {len(doc)} characters; a document is at most "
+                            f"{MAX_DOCUMENT_CHARS} characters (split it, or give JSONL lines)")
     return docs, raw
 
 

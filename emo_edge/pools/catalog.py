@@ -27,10 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from typing import Annotated, Optional
+
+from pydantic import Field
+
 from ..checkpoint import CheckpointView
 from ..errors import PoolError
 from ..fsutil import atomic_write
-from ..poolfile import parse_pool, pool_json
+from ..hfconfig import MAX_LAYERS
+from ..models import hf_cache_entry
+from ..poolfile import PoolFile, parse_pool, pool_json
+from ..schema import Count, Finite, Int, Schema, Sha256, Str, confined, load_json, validate
 from ..spec import EmoSpec
 
 FORMAT, VERSION = "emo-edge-pool", 1
@@ -77,15 +84,59 @@ class Pool:
 
     @classmethod
     def from_entry(cls, data, spec: EmoSpec, where: str) -> "Pool":
+        """A catalog entry, validated against `PoolEntry` (and its layers against `spec`)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise PoolError(f"{where}: not an emo-edge pool entry (format '{FORMAT}')")
-        if data.get("version") != VERSION:
+        if data.get("version") != VERSION or isinstance(data.get("version"), bool):
             raise PoolError(f"{where}: pool entry version {data.get('version')!r} is not supported (need {VERSION})")
-        ident = (data.get("checkpoint") or {}).get("identity")
+        entry = validate(data, PoolEntry, where, PoolError)
         layers = parse_pool(data, spec, where)
-        return cls(name=str(data.get("name")), layers=layers, identity=ident, method=data.get("method"),
-                   experts=data.get("experts"), fraction=data.get("fraction"), calibration=data.get("calibration"),
+        # the stored dicts are kept as read (validated), so re-writing an entry reproduces it byte for byte
+        return cls(name=entry.name, layers=layers, identity=entry.checkpoint.identity, method=entry.method,
+                   experts=data.get("experts"), fraction=entry.fraction, calibration=data.get("calibration"),
                    stats=data.get("stats"), origin=where)
+
+
+# ---- the catalog-entry schema (pydantic, via emo_edge.schema): types and bounds of every stored field ----
+class CalibFileEntry(Schema):
+    name: Str
+    sha256: Sha256
+    documents: Count
+    tokens: Count
+
+
+class CalibrationEntry(Schema):
+    files: Annotated[list[CalibFileEntry], Field(max_length=1 << 16)] = []
+    documents: Count
+    tokens: Count
+    max_tokens_per_document: Optional[Count] = None
+
+
+class LayerStats(Schema):
+    routed: Count
+    kept: Count
+    coverage: Finite
+    topk_hit: Finite
+    score_coverage: Optional[Finite] = None
+    scores: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Finite] = {}  # expert id -> score share
+
+
+class CheckpointRef(Schema):
+    identity: Optional[Sha256] = None
+
+
+class PoolEntry(PoolFile):
+    """A catalog entry (format "emo-edge-pool", version 1); see the module docstring."""
+
+    format: Str
+    version: Int
+    name: Annotated[str, Field(strict=True, pattern=f"^{_NAME.pattern}$")]
+    checkpoint: CheckpointRef = CheckpointRef()
+    method: Optional[Str] = None
+    experts: Optional[Annotated[list[Optional[Count]], Field(max_length=MAX_LAYERS)]] = None
+    fraction: Optional[Finite] = None
+    calibration: Optional[CalibrationEntry] = None
+    stats: Optional[Annotated[list[Optional[LayerStats]], Field(max_length=MAX_LAYERS)]] = None
 
 
 def check_name(name: str) -> str:
@@ -113,18 +164,10 @@ class Catalog:
         return [(self.shipped, True), (self.writable, False)]
 
     def _read(self, path: Path, readonly: bool) -> Pool:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PoolError(f"{path}: catalog entry is not valid JSON ({exc})") from None
-        except OSError as exc:
-            raise PoolError(f"{path}: cannot read ({exc.strerror})") from None
-        if isinstance(data, dict) and data.get("format") == FORMAT:
-            ident = (data.get("checkpoint") or {}).get("identity")
-            if ident != self.identity:
-                raise PoolError(f"{path}: pool '{data.get('name')}' was discovered on another checkpoint "
-                                f"(identity {str(ident)[:12]}, this one is {self.identity[:12]}); refusing it")
-        pool = Pool.from_entry(data, self.spec, str(path))
+        if readonly:  # shipped beside the checkpoint: must not lead out of it (nor out of its hub cache entry)
+            confined(self.view.root, f"{SHIPPED_DIR}/{path.name}", str(path), PoolError,
+                     allowed_root=hf_cache_entry(self.view.root))
+        pool = _checked_entry(load_json(path, PoolError), self.view, path)
         pool.readonly = readonly
         return pool
 
@@ -177,7 +220,7 @@ class Catalog:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PoolError(f"{path.parent}: cannot create catalog directory ({exc.strerror})") from None
-        atomic_write(path, text)
+        atomic_write(path, text, force=True)  # an existing entry was checked above (--force or identical)
         pool.origin = str(path)
         return path
 
@@ -185,17 +228,24 @@ class Catalog:
 # ---- discovery entry points ------------------------------------------------------------------------------
 def discover_pool(view: CheckpointView, name: str, calib_files: Sequence[str | Path], *,
                   method: str = DEFAULT_METHOD, experts=None, fraction: float | None = None,
-                  max_tokens: int | None = None, max_docs: int | None = None, progress=None) -> Pool:
-    """Discover a pool from calibration files (not stored; see `Catalog.put`)."""
-    from ..reference import Reference
+                  max_tokens: int | None = None, max_docs: int | None = None, progress=None, log=None) -> Pool:
+    """Discover a pool from calibration files (not stored; see `Catalog.put`). `log(line)` is told
+    "discovering pool 'NAME' (N documents, T tokens)" once the calibration is read."""
     from ..tokenizer import load_tokenizer
     from .calib import load_calibration
-    from .discover import discover, pool_sizes
 
     check_name(name)
-    sizes = pool_sizes(view.spec, experts, fraction)  # validate sizes before any work
     limit = max_tokens or min(1024, view.spec.max_position_embeddings or 1024)
+    # read first: bad calibration input fails fast, before torch is imported (read once: it may be a pipe)
     cal = load_calibration(list(calib_files), load_tokenizer(view.root), max_tokens=limit, max_docs=max_docs)
+    from ..reference import Reference
+    from .discover import discover, pool_sizes
+
+    sizes = pool_sizes(view.spec, experts, fraction)  # validate sizes before the model is touched
+    if log:
+        log(f"discovering pool '{name}' ({len(cal.docs)} documents, {cal.tokens} tokens; {method}, "
+            + (f"{experts} experts" if experts is not None else f"fraction {fraction or DEFAULT_FRACTION:g}")
+            + f", from {', '.join(f.name for f in cal.files)})")
     ref = Reference(view, streaming=True)
     layers, stats = discover(ref, cal.docs, method, sizes, progress=progress)
     return Pool(name=name, layers=layers, identity=view.identity, method=method, experts=sizes,
@@ -215,7 +265,7 @@ def ship_builtin_pools(checkpoint: str | Path) -> list[Path]:
     for domain in BUILTIN_DOMAINS:
         pool = discover_pool(view, builtin_entry_name(domain, None), [builtin_calib(domain)],
                              method=DEFAULT_METHOD, fraction=DEFAULT_FRACTION)
-        written.append(atomic_write(out_dir / f"{pool.name}.json", pool.entry_json()))
+        written.append(atomic_write(out_dir / f"{pool.name}.json", pool.entry_json(), force=True))  # ours
     return written
 
 
@@ -241,17 +291,22 @@ def _looks_like_file(item: str) -> bool:
 
 def load_pool_path(path: str | Path, view: CheckpointView) -> Pool:
     """A pool from a file: a catalog entry (identity checked) or a bare {"layers": [...]} pool file."""
-    from ..fsutil import read_json
-
     path = Path(path)
-    data = read_json(path, PoolError, "pool file not found")
+    data = load_json(path, PoolError, "pool file not found")
     if isinstance(data, dict) and "format" in data:
-        ident = (data.get("checkpoint") or {}).get("identity")
-        if ident != view.identity:
-            raise PoolError(f"{path}: pool was discovered on another checkpoint (identity {str(ident)[:12]}, "
-                            f"this one is {view.identity[:12]}); refusing it")
-        return Pool.from_entry(data, view.spec, str(path))
+        return _checked_entry(data, view, path)
     return Pool(name=path.stem, layers=parse_pool(data, view.spec, str(path)), origin=str(path))
+
+
+def _checked_entry(data, view: CheckpointView, path: Path) -> Pool:
+    """A catalog entry validated and refused unless it was discovered on `view`'s checkpoint."""
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        ref = data.get("checkpoint")
+        ident = ref.get("identity") if isinstance(ref, dict) else None
+        if ident != view.identity:
+            raise PoolError(f"{path}: pool '{data.get('name')}' was discovered on another checkpoint "
+                            f"(identity {str(ident)[:12]}, this one is {view.identity[:12]}); refusing it")
+    return Pool.from_entry(data, view.spec, str(path))
 
 
 def resolve_pools(view: CheckpointView, names_or_files: Sequence[str], catalog: Catalog | str | Path | None = None,
@@ -273,11 +328,8 @@ def resolve_pools(view: CheckpointView, names_or_files: Sequence[str], catalog: 
             entry = builtin_entry_name(item, fraction, method)
             pool = cat.get(entry)
             if pool is None:
-                if log:
-                    log(f"discovering built-in pool '{entry}' ({method}, fraction "
-                        f"{fraction or DEFAULT_FRACTION:g}) from {builtin_calib(item).name}")
                 pool = discover_pool(view, entry, [builtin_calib(item)], method=method,
-                                     fraction=fraction or DEFAULT_FRACTION, progress=progress)
+                                     fraction=fraction or DEFAULT_FRACTION, progress=progress, log=log)
                 cat.put(pool)
             out.append(pool)
             continue

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import PoolError
+from ..progress import Shares
 from ..reference import Reference, pool_mask, rms_norm, route
 from ..spec import EmoSpec, LayerSpec
 
@@ -171,7 +172,9 @@ def discover(ref: Reference, docs: Sequence[Sequence[int]], method: str, sizes: 
     if not docs:
         raise PoolError("no calibration documents")
     total = sum(len(d) for d in docs)
-    bar = progress(total * spec.num_layers, f"{method} discovery") if progress else None
+    # the bar counts calibration tokens (spread over the layer sweep), the number the user was told
+    bar = progress(total, f"{method} discovery") if progress else None
+    shares = Shares(total, spec.num_layers)
     states = start_states(ref, docs)
     pool: list[list[int] | None] = [None] * spec.num_layers
     stats: list[dict | None] = [None] * spec.num_layers
@@ -205,7 +208,7 @@ def discover(ref: Reference, docs: Sequence[Sequence[int]], method: str, sizes: 
                 stats[i] = st.summary(pool[i], method)
             del layer
             if bar is not None:
-                bar.update(total)
+                bar.update(shares.next())
     if bar is not None:
         bar.close()
     return pool, stats
@@ -219,8 +222,10 @@ def doc_nll(ref: Reference, docs: Sequence[Sequence[int]], pools: Sequence[Seque
     layer is loaded once for all pools)."""
     spec = ref.spec
     masks = [[pool_mask(layer, None if p is None else p[layer.index]) for layer in spec.layers] for p in pools]
-    total = sum(len(d) for d in docs)
-    bar = progress(total * len(pools) * (spec.num_layers + 1), "perplexity") if progress else None
+    # the bar counts predicted tokens (over all pools), spread over the layer sweep and the heads
+    predicted = sum(max(len(d) - 1, 0) for d in docs) * len(pools)
+    bar = progress(predicted, f"perplexity ({len(pools)} models, predicted tokens)") if progress else None
+    shares = Shares(predicted, spec.num_layers * len(pools) + len(docs) * len(pools))
     states = [start_states(ref, docs) for _ in pools]
     with torch.no_grad():
         for i in range(spec.num_layers):
@@ -228,7 +233,7 @@ def doc_nll(ref: Reference, docs: Sequence[Sequence[int]], pools: Sequence[Seque
             for m, st in zip(masks, states):
                 advance(layer, st, m[i])
                 if bar is not None:
-                    bar.update(total)
+                    bar.update(shares.next())
             del layer
         F = torch.nn.functional
         results = [[0.0, 0, 0.0] for _ in pools]  # nll, tokens, KL(first pool || this pool)
@@ -244,7 +249,7 @@ def doc_nll(ref: Reference, docs: Sequence[Sequence[int]], pools: Sequence[Seque
                 else:
                     results[m][2] += float((first.exp() * (first - logp)).sum())
                 if bar is not None:
-                    bar.update(len(ids))
+                    bar.update(shares.next())
         results = [(r[0], r[1], r[2] / r[1] if r[1] else 0.0) for r in results]
     if bar is not None:
         bar.close()

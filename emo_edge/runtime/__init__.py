@@ -200,7 +200,15 @@ class _NoStore(Exception):
 
 
 class _StaleStore(Exception):
-    """The prepared store does not fit this bundle, onnxruntime or CPU: prepare it again."""
+    """The prepared store does not fit this bundle, onnxruntime or CPU, or is corrupted: prepare it again."""
+
+
+class _CorruptStore(BundleError):
+    """An expert of the prepared store failed its sha256 check while serving."""
+
+
+class _StaleStoreError(EmoEdgeError):
+    """A defect of prepared.json found by the shared validators (turned into _StaleStore)."""
 
 
 def _bundle_pool_error(name: str, known: Sequence[str]) -> PoolError:
@@ -220,19 +228,26 @@ class SwappableRuntime:
         import onnxruntime as ort
 
         from ..bundle import check_files, read_manifest
+        from ..bundle_schema import (MANIFEST as _M, check_dataflow, check_decoder_inputs, check_swappable,
+                                     check_template, read_model_dims)
         from ..units import parse_size
 
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        self.manifest = read_manifest(self.root)  # validated: bundle_schema.Manifest
         sw = self.manifest.get("swappable")
         if self.manifest.get("kind") != "swappable" or not isinstance(sw, dict):
             raise BundleError(f"{self.root}: not a swappable bundle (export it with --swappable)")
         self.sw = sw
-        shards = {m["shard"] for m in sw["moe"]}
-        if check_backbone:
-            small = dict(self.manifest)
-            small["files"] = {k: v for k, v in self.manifest["files"].items() if k not in shards}
-            check_files(self.root, small)  # per-expert sha256 for the shards, on every load
+        # decoder dims: the manifest's copy (newer bundles) or genai_config.json (older ones)
+        cfg = read_model_dims(self.root, self.manifest, need_filename=False)
+        dec = cfg["decoder"]
+        self.n_layers, self.kv_heads, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], \
+            dec["head_size"]
+        self.vocab_size, self.context, self.eos = cfg["vocab_size"], cfg["context_length"], cfg.get("eos_token_id")
+        # every path confined and listed in `files`, shard records tiling their shards
+        check_swappable(self.root, self.manifest, self.n_layers)
+        if check_backbone:  # the shards' sizes here; their bytes per record (sha256 + zero padding) when read
+            check_files(self.root, self.manifest, skip={m["shard"] for m in sw["moe"]})
         self.budget = parse_size(budget, "--budget") if budget is not None else None
         self.budget_text = str(budget)
         self.threads = threads
@@ -240,12 +255,8 @@ class SwappableRuntime:
         self.prefill_chunk = prefill_chunk
         self.cache_experts = cache_experts
         self.identity = (self.manifest.get("source") or {}).get("identity")
-        cfg = json.loads((self.root / "genai_config.json").read_text())["model"]
-        dec = cfg["decoder"]
-        self.n_layers, self.kv_heads, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], \
-            dec["head_size"]
-        self.vocab_size, self.context, self.eos = cfg["vocab_size"], cfg["context_length"], cfg.get("eos_token_id")
         self._ort = ort
+        self.progress = progress
         if self.budget is not None:
             need = rss() + (self.root / sw["backbone_data"]).stat().st_size
             if need > self.budget:
@@ -261,6 +272,11 @@ class SwappableRuntime:
                 raise BundleError(f"{self.root / seg['file']}: onnxruntime cannot load it "
                                   f"({str(exc).splitlines()[0]})") from None
             self.segments.append((sess, seg["inputs"], seg["outputs"]))
+        where = f"{self.root / _M}: field 'swappable"
+        check_dataflow(where, list(zip(sw["segments"], (x[0] for x in self.segments))), sw["moe"], self.n_layers)
+        dims_at = f"{where}.model.decoder" if sw.get("model") else f"{self.root / 'genai_config.json'}: field 'model.decoder"
+        check_decoder_inputs(dims_at, {i.name: i.shape for sess, _, _ in self.segments for i in sess.get_inputs()
+                                       if i.name.startswith("past_key_values.")}, cfg)
         _trim()
         # ---- MoE layers: routers resident, experts on demand ------------------------------------------------
         routers = np.fromfile(self.root / sw["routers"], dtype=np.uint8)
@@ -270,8 +286,12 @@ class SwappableRuntime:
             n = int(np.prod(r["shape"])) * 4
             router = routers[r["offset"]:r["offset"] + n].view(np.float32).reshape(r["shape"]).copy()
             tmpl = onnx.load(str(self.root / m["template"]), load_external_data=False)
+            check_template(f"{where}.moe[{m['index']}]", m, tmpl)
             ids = [e["source_id"] for e in m["experts"]]
-            fd = os.open(self.root / m["shard"], os.O_RDONLY)
+            try:
+                fd = os.open(self.root / m["shard"], os.O_RDONLY)
+            except OSError as exc:
+                raise BundleError(f"{self.root / m['shard']}: cannot open the expert shard ({exc.strerror})") from None
             self.layers.append(MoELayer(m["index"], m["layer"], m, router, ids, {s: i for i, s in enumerate(ids)},
                                         tmpl, fd))
         del routers
@@ -284,6 +304,7 @@ class SwappableRuntime:
         self.hash_in_thread = os.environ.get("EMO_EDGE_HASH_THREAD") == "1"
         self.prepack_factor = self.PREPACK_FACTOR
         self.swaps: list[SwapStats] = []
+        self._reprepared = False  # a store corrupted while serving is prepared again once per runtime
         self.startup_peak = 0
         self.lru: OrderedDict[tuple[int, int], bool] = OrderedDict()  # mapped: resident (m, union position)
         # loaders populate + sha256 one expert each; on 2 cores 2 measured best (3: -4 %, 4: -15 %)
@@ -303,6 +324,10 @@ class SwappableRuntime:
         self.startup_peak = max(self.startup_peak, peak_rss())
         self._check_budget_fits()
 
+    def _serving(self) -> str:
+        """What keeps serving after a refused swap, for its message."""
+        return f"still serving pool '{self.active_name}'" if self.active_name else "no pool loaded yet"
+
     # ---- mechanism -----------------------------------------------------------------------------------------
     def _choose_mechanism(self, want: str) -> str:
         """'mapped' (union sessions over a prepared store, no rebuild on a swap) where every MoE block is a QMoE
@@ -321,16 +346,21 @@ class SwappableRuntime:
             raise BundleError(f"{self.root}: the mapped swap mechanism cannot serve this bundle ({why})")
         return "rebuild"
 
-    def _open_mapped(self, progress=None) -> None:
+    def _open_mapped(self, progress=None, again: str | None = None) -> None:
         """Create every layer's union session from the prepared store (preparing it first if this machine has
-        none, or again if onnxruntime finds it stale), then drop every page that loading touched."""
+        none, or again if it is stale or corrupted: `again` says why it is known to be), then drop every page
+        that loading touched."""
         import shutil
 
-        from ..fsutil import atomic_dir, read_json
+        from ..fsutil import atomic_dir, dir_of
         from . import mapped as mp
 
         store = mp.store_dir(self.root)
-        for attempt in (0, 1):
+        if again is not None:
+            if progress:
+                progress(f"prepared store {again}; preparing again")
+            shutil.rmtree(store, ignore_errors=True)
+        for attempt in (0, 1) if again is None else (1,):
             if not (store / "prepared.json").is_file():
                 raw_layer = max(len(L.ids) * L.rec_bytes for L in self.layers)
                 need = rss() + int(raw_layer * 2.3)
@@ -341,17 +371,19 @@ class SwappableRuntime:
                 if progress:
                     progress(f"preparing the bundle for this CPU (once) into {store}")
                 try:
-                    with atomic_dir(store, force=True) as tmp:
+                    ours = dir_of(mp.STORE_FILES)  # a store of ours is replaced; nothing else
+                    with atomic_dir(store, force=True, replaces=ours, what="prepared store") as tmp:
                         mp.prepare(self, tmp, progress)
                 except OSError as exc:  # unwritable or full cache directory
                     raise _NoStore(f"{store}: cannot write the prepared store ({exc.strerror or exc})") from None
-                except EmoEdgeError as exc:
-                    if "cannot write" in str(exc) or "No space" in str(exc):
-                        raise _NoStore(str(exc)) from None
+                except BundleError:  # the bundle itself (a shard failing its checks): not the store's fault
                     raise
-            info = read_json(store / "prepared.json", BundleError)
+                except EmoEdgeError as exc:  # fsutil: the store's directory cannot be made or written (full, ...)
+                    if isinstance(exc, BudgetError):
+                        raise
+                    raise _NoStore(f"{store}: cannot write the prepared store ({exc})") from None
             try:
-                self._load_mapped(store, info)
+                self._load_mapped(store, self._read_prepared(store))
                 return
             except _StaleStore as exc:
                 for L in self.layers:
@@ -359,8 +391,40 @@ class SwappableRuntime:
                 if attempt:
                     raise BundleError(f"{store}: prepared store rejected again after re-preparing ({exc})") from None
                 if progress:
-                    progress(f"prepared store is stale ({exc}); preparing again")
+                    progress(f"prepared store is stale or corrupted ({exc}); preparing again")
                 shutil.rmtree(store, ignore_errors=True)
+
+    def _read_prepared(self, store: Path) -> dict:
+        """prepared.json, validated against this bundle: anything wrong with it (our own file) means the store
+        must be prepared again (_StaleStore), never a traceback."""
+        from ..bundle_schema import Prepared
+        from ..schema import confined, load_json, validate
+        from . import mapped as mp
+
+        path = store / "prepared.json"
+        try:
+            info = load_json(path, _StaleStoreError)
+            validate(info, Prepared, str(path), _StaleStoreError)
+            if info["version"] != mp.PREPARED_VERSION or len(info["layers"]) != len(self.layers):
+                raise _StaleStoreError("version or layer count differs")
+            for L, rec in zip(self.layers, info["layers"]):
+                where = f"{path}: layer {L.layer}"
+                data = confined(store, rec["data"], where, _StaleStoreError)
+                confined(store, rec["model"], where, _StaleStoreError)
+                size = data.stat().st_size if data.is_file() else -1
+                for r in (rec["fc1"], rec["fc2"]):
+                    if r["length"] != r["per_expert"] * len(L.ids) or r["offset"] + r["length"] > size:
+                        raise _StaleStoreError(f"{where}: prepacked region {r} does not fit {rec['data']} "
+                                               f"({size} bytes)")
+                try:
+                    fixed = mp.fixed_sha256(store / rec["model"], data, mp._expert_names(L.meta))
+                except Exception as exc:  # noqa: BLE001 - a damaged graph or data file of our own store
+                    raise _StaleStoreError(f"{where}: {rec['model']} unreadable ({type(exc).__name__})") from None
+                if fixed != rec["fixed_sha256"]:
+                    raise _StaleStoreError(f"{where}: {rec['model']} or its router weights fail their sha256 check")
+        except _StaleStoreError as exc:
+            raise _StaleStore(str(exc)) from None
+        return info
 
     def _load_mapped(self, store: Path, info: dict) -> None:
         from . import mapped as mp
@@ -381,16 +445,17 @@ class SwappableRuntime:
             try:  # (VmHWM is never reset here: /usr/bin/time's peak must stay truthful)
                 sess = self._ort.InferenceSession(str(store / rec["model"]), self._options(arena=False),
                                                   providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own types
+            except Exception as exc:  # onnxruntime raises its own types; the store is ours: prepare it again
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if "pre-packed" in msg or "prepacked" in msg or "NO_SUCHFILE" in msg or "external" in msg.lower():
-                    raise _StaleStore(msg) from None
-                raise BundleError(f"{store / rec['model']}: onnxruntime cannot load it ({msg})") from None
+                raise _StaleStore(f"{store / rec['model']}: {msg}") from None
             self.startup_peak = max(self.startup_peak, peak_rss())
             ml = mp.MappedLayer(sess, data, os.open(data, os.O_RDONLY), len(L.ids), rec["fc1"], rec["fc2"],
                                 rec["sha256"])
             L.mapped, L.session = ml, sess
-            ml.refresh_maps()
+            try:
+                ml.refresh_maps()
+            except BundleError as exc:
+                raise _StaleStore(str(exc)) from None
             if mp.anonymous_kb(data):
                 raise BundleError(f"{data}: onnxruntime modified its mapping of the prepared weights; use "
                                   f"EMO_EDGE_SWAP=rebuild")
@@ -430,8 +495,7 @@ class SwappableRuntime:
         if self._headroom(reserve) + sum(size[k] for k in evictable) < need:
             raise BudgetError(f"swap to '{name}' needs {_mb(need)} for its experts but only "
                               f"{_mb(max(self._headroom(reserve), 0))} of the {_mb(self.budget)} budget is free, even "
-                              f"after evicting every cached expert (RSS {_mb(rss())}); still serving "
-                              f"'{self.active_name}'")
+                              f"after evicting every cached expert (RSS {_mb(rss())}); {self._serving()}")
         evicted: list = []
         queue_ = iter(evictable)
 
@@ -464,11 +528,11 @@ class SwappableRuntime:
                 for X in self.layers:
                     X.pool_idx = X.mask = None
                     X.active = ()
-                raise BundleError(f"{where}: expert {L.ids[e]} of layer {L.layer} fails its sha256 check and the "
-                                  f"previous pool '{was}' could not be restored; no pool is active until the next "
-                                  f"successful swap")
-            raise BundleError(f"{where}: expert {L.ids[e]} of layer {L.layer} fails its sha256 check (corrupted "
-                              f"prepared store); swap refused, still serving '{self.active_name}'")
+                raise _CorruptStore(f"{where}: expert {L.ids[e]} of layer {L.layer} fails its sha256 check and "
+                                    f"the previous pool '{was}' could not be restored; no pool is active until the "
+                                    f"next successful swap")
+            raise _CorruptStore(f"{where}: expert {L.ids[e]} of layer {L.layer} fails its sha256 check (corrupted "
+                                f"prepared store); swap refused, {self._serving()}")
         for m, (L, ids) in enumerate(zip(self.layers, target)):
             idx = np.array([L.pos[s] for s in ids], np.int64)
             mask = np.full(len(L.ids), -np.inf, np.float32)
@@ -649,10 +713,10 @@ class SwappableRuntime:
             if pool in self.pools:
                 layers, name = self.pools[pool], pool
             elif Path(pool).is_file():
-                try:
-                    layers = json.loads(Path(pool).read_text(encoding="utf-8"))["layers"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    raise PoolError(f"{pool}: not a pool file {{\"layers\": [...]}}") from None
+                from ..bundle_schema import PoolFile
+                from ..schema import load_json, validate
+
+                layers = validate(load_json(pool, PoolError), PoolFile, pool, PoolError).layers
                 name = Path(pool).stem
             else:
                 raise _bundle_pool_error(pool, list(self.pools))
@@ -686,9 +750,38 @@ class SwappableRuntime:
         with self._swap_mutex:
             self._lock.acquire_write()
             try:
-                return self._swap(name, target)
+                try:
+                    return self._swap(name, target)
+                except _CorruptStore as exc:
+                    if self._reprepared:
+                        raise
+                    self._reprepare(str(exc))
+                    return self._swap(name, target)
             finally:
                 self._lock.release_write()
+
+    def _reprepare(self, why: str) -> None:
+        """An expert of the prepared store failed its sha256 check: prepare the store again (once per runtime)
+        and reopen every layer from it. If that fails, the old sessions stay as they were and `why` is raised."""
+        self._reprepared = True
+        old = [(L.mapped, L.session, L.pool_idx, L.mask, L.active) for L in self.layers]
+        for L in self.layers:
+            L.mapped = L.session = L.pool_idx = L.mask = None
+            L.active = ()
+        try:
+            self._open_mapped(self.progress, again=f"is corrupted ({why.split('; swap refused')[0]})")
+        except (EmoEdgeError, _NoStore) as exc:
+            for L, (ml, sess, idx, mask, act) in zip(self.layers, old):
+                self._close_mapped(L)
+                L.mapped, L.session, L.pool_idx, L.mask, L.active = ml, sess, idx, mask, act
+            raise BundleError(f"{why} (preparing the store again failed: {exc})") from None
+        for ml, *_ in old:
+            try:
+                os.close(ml.fd)
+            except OSError:
+                pass
+        self.lru.clear()
+        self.active_name = None
 
     def _swap_need(self, target, changed) -> int:
         """RSS growth of a swap: the pool's growth (raw + prepacked) plus the transient: two layers' new arenas
@@ -737,7 +830,7 @@ class SwappableRuntime:
         if self._headroom(0) < need:
             raise BudgetError(f"swap to '{name}' needs {_mb(need)} more memory but only "
                               f"{_mb(max(self._headroom(0), 0))} of the {_mb(self.budget)} budget is free "
-                              f"(RSS {_mb(rss())}); still serving '{self.active_name}'")
+                              f"(RSS {_mb(rss())}); {self._serving()}")
         # producer thread: fills the new arenas layer by layer (old-arena rows, cached records, preadv from the
         # shard straight into the arena rows), sha256 in a second thread; the main thread builds each layer's
         # session as soon as its arena is verified (reading layer m+1 overlaps building layer m)
@@ -809,13 +902,20 @@ class SwappableRuntime:
                             a[t] = src
                         del rec
                     else:
+                        if not checks:
+                            self._shard_unchanged(L)
                         meta = L.meta["experts"][L.pos[s]]
                         bufs = [a[t].reshape(-1).view(np.uint8) for a in arena]
-                        got = os.preadv(L.fd, bufs, meta["offset"])
+                        pad = np.empty(L.meta["record_stride"] - L.rec_bytes, np.uint8)
+                        got = os.preadv(L.fd, bufs + [pad], meta["offset"]) - pad.nbytes
+                        if pad.any():  # the padding after a record is not hashed: it must be zero
+                            raise BundleError(f"{self.root / L.meta['shard']}: the padding after expert {s} of layer "
+                                              f"{L.layer} is not zero (corrupted shard); swap refused, "
+                                              f"{self._serving()}")
                         if got != L.rec_bytes:
                             raise BundleError(f"{self.root / L.meta['shard']}: expert {s} of layer {L.layer} is "
-                                              f"truncated (read {got} of {L.rec_bytes} bytes); swap refused, still "
-                                              f"serving '{self.active_name}'")
+                                              f"truncated (read {got} of {L.rec_bytes} bytes); swap refused, "
+                                              f"{self._serving()}")
                         if self.hash_in_thread:
                             checks.append((s, meta["sha256"], self._hash_pool.submit(_sha_rows, bufs)))
                         else:  # inline: the record is still in the CPU cache
@@ -823,13 +923,23 @@ class SwappableRuntime:
                 for s, want, fut in checks:
                     if fut.result() != want:
                         raise BundleError(f"{self.root / L.meta['shard']}: expert {s} of layer {L.layer} fails its "
-                                          f"sha256 check (corrupted shard); swap refused, still serving "
-                                          f"'{self.active_name}'")
+                                          f"sha256 check (corrupted shard); swap refused, {self._serving()}")
                 item = (m, ids, arena, time.perf_counter())
                 del arena
                 _put_unless_stopped(q, item, stop)
         except BaseException as exc:  # handed to the main thread
             _put_unless_stopped(q, exc, stop)
+
+    def _shard_unchanged(self, L: MoELayer) -> None:
+        """The shard file is still the one opened at load (not deleted or replaced while serving)."""
+        path = self.root / L.meta["shard"]
+        try:
+            same = os.path.samestat(os.stat(path), os.fstat(L.fd))
+        except OSError:
+            same = False
+        if not same:
+            raise BundleError(f"{path}: the expert shard was deleted or replaced while serving; swap refused, "
+                              f"{self._serving()} (reopen the bundle)")
 
     def _rollback(self, undo) -> None:
         """Put back the layers already switched: their old experts come from the LRU cache or are re-read
@@ -923,7 +1033,7 @@ class SwappableRuntime:
     def _forward(self, ids, cache, probe: list | None = None):
         env = decoder_feed(ids, cache, self.context, self.vocab_size, self.n_layers)
         for s, (sess, ins, outs) in enumerate(self.segments):
-            res = sess.run(outs, {k: env[k] for k in ins})
+            res = _run(sess, outs, {k: env[k] for k in ins}, self.sw["segments"][s]["file"])
             env.update(zip(outs, res))
             if s < len(self.layers):
                 L = self.layers[s]
@@ -936,7 +1046,7 @@ class SwappableRuntime:
                     feed = {L.meta["x"]: x, POOL_IDX: L.pool_idx, MASK: L.mask}
                 else:
                     feed = {L.meta["x"]: x}
-                env[L.meta["y"]] = L.session.run([L.meta["y"]], feed)[0]
+                env[L.meta["y"]] = _run(L.session, [L.meta["y"]], feed, f"the MoE block of layer {L.layer}")[0]
         logits = env["logits"][0]
         new_cache = []
         for i in range(self.n_layers):
@@ -968,35 +1078,67 @@ class SwappableRuntime:
             self._lock.release_read()
 
     # ---- pool choice ---------------------------------------------------------------------------------------
-    def router_mass(self, ids: Sequence[int]) -> list[np.ndarray]:
-        """Per MoE layer: router probabilities [T, r_union] over all exported experts for the prompt, computed
-        with the currently active pool (the backbone and all routers are resident)."""
-        self._acquire_pool(None)
+    def router_mass(self, ids: Sequence[int], probe: str = "backbone") -> list[np.ndarray]:
+        """Per MoE layer: router probabilities [T, r_union] over all exported experts for the prompt.
+
+        probe "backbone" (the chooser's): the prompt runs through the resident backbone with the shared and
+        always-active experts only (each routed-expert block's output left out), so the routers see the same
+        hidden states whatever pool is resident or came before; needs no pool loaded and takes no lock (the
+        backbone and the routers never change). probe "active": through the active pool (the old chooser,
+        history-dependent; kept to measure the difference, bench/auto_pool.py)."""
+        if probe not in ("backbone", "active"):
+            raise PoolError(f"router probe '{probe}': expected backbone or active")
+        zs: list[list[np.ndarray]] = [[] for _ in self.layers]
+        cache = self.empty_cache()
+        if probe == "active":
+            self._acquire_pool(None)
         try:
-            probe: list = []
-            cache = self.empty_cache()
             for a in range(0, len(ids), self.prefill_chunk):
-                _, cache = self._forward(ids[a:a + self.prefill_chunk], cache, probe)
+                chunk = ids[a:a + self.prefill_chunk]
+                cache = (self._probe_forward(chunk, cache, zs) if probe == "backbone"
+                         else self._active_probe(chunk, cache, zs))
         finally:
-            self._lock.release_read()
-        per_layer = [[] for _ in self.layers]
-        for k, z in enumerate(probe):
-            per_layer[k % len(self.layers)].append(z)
+            if probe == "active":
+                self._lock.release_read()
         out = []
-        for zs in per_layer:
-            z = np.concatenate(zs).astype(np.float64)
+        for parts in zs:
+            z = np.concatenate(parts).astype(np.float64)  # (T, r_union)
             p = np.exp(z - z.max(axis=1, keepdims=True))
             out.append(p / p.sum(axis=1, keepdims=True))
         return out
 
-    def choose_pool(self, ids: Sequence[int], mode: str = "auto") -> tuple[object, str, dict]:
-        """mode 'auto': the catalog pool with the highest router-mass coverage of the prompt; 'doc': per layer
-        the top-N experts of the prompt's router mass (N = the largest catalog pool's size in that layer, what
-        the budget was checked for). Returns (pool name or per-layer lists, reason, scores)."""
-        if self.active_name is None:
-            self.use(next(iter(self.pools)))
-        probed_with = self.active_name
-        probs = self.router_mass(ids)
+    def _active_probe(self, ids, cache, zs):
+        probe: list = []
+        _, cache = self._forward(ids, cache, probe)
+        for m, z in enumerate(probe):
+            zs[m].append(z)
+        return cache
+
+    def _probe_forward(self, ids, cache, zs) -> list[np.ndarray]:
+        """One chunk through the backbone segments, routed experts left out; appends each MoE layer's router
+        logits (T, r_union) to zs[m]. Returns the new KV cache."""
+        env = decoder_feed(ids, cache, self.context, self.vocab_size, self.n_layers)
+        for s, (sess, ins, outs) in enumerate(self.segments):
+            env.update(zip(outs, sess.run(outs, {k: env[k] for k in ins})))
+            if s < len(self.layers):
+                L = self.layers[s]
+                x = env[L.meta["x"]]
+                zs[s].append(x.reshape(-1, x.shape[-1]) @ L.router)
+                env[L.meta["y"]] = np.zeros_like(x)  # the routed experts' block adds nothing
+        return [env[f"present.{i}.{kv}"] for i in range(self.n_layers) for kv in ("key", "value")]
+
+    def choose_pool(self, ids: Sequence[int], mode: str = "auto", probe: str = "backbone") -> tuple[object, str, dict]:
+        """mode 'auto': the catalog pool with the highest router-mass coverage of the prompt (mean over MoE
+        layers of the mean over tokens of the probability mass its experts get); 'doc': per layer the top-N
+        experts of the prompt's router mass (N = the largest catalog pool's size in that layer, what the budget
+        was checked for). Routers are probed independently of the resident pool (`router_mass`), so the same
+        prompt gets the same pool whatever came before. Returns (pool name or per-layer lists, reason, scores)."""
+        from ..bundle import check_prompt
+
+        check_prompt(len(ids), self.context, "the bundle's context")
+        probs = self.router_mass(ids, probe)
+        how = "routers probed with the backbone and shared experts, independent of the resident pool" \
+            if probe == "backbone" else f"routers probed with pool '{self.active_name}'"
         if mode == "doc":
             layers: list = [None] * self.n_layers
             sizes = self._largest_pool()
@@ -1007,8 +1149,7 @@ class SwappableRuntime:
             cov = float(np.mean([p[:, [L.pos[s] for s in layers[L.layer]]].sum(axis=1).mean()
                                  for L, p in zip(self.layers, probs)]))
             return layers, (f"ad-hoc per-layer top-N pool from the prompt ({[len(s) for s in sizes]} experts per "
-                            f"layer), router-mass coverage {cov:.3f} (routers probed with pool '{probed_with}')"), \
-                {"doc": cov}
+                            f"layer), router-mass coverage {cov:.3f} ({how})"), {"doc": cov}
         scores = {}
         for name in self.pools:
             _, target = self.resolve(name)
@@ -1016,31 +1157,38 @@ class SwappableRuntime:
                                           for L, p, ids_ in zip(self.layers, probs, target)]))
         best = max(scores, key=lambda k: scores[k])
         ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
-        return best, (f"highest router-mass coverage of the prompt over {len(ids)} tokens: {ranked} "
-                      f"(routers probed with pool '{probed_with}')"), scores
+        return best, f"highest router-mass coverage of the prompt over {len(ids)} tokens: {ranked} ({how})", scores
 
     # ---- generation ----------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
         if getattr(self, "_tok", None) is None:
+            from ..bundle_schema import bundle_file
             from ..tokenizer import TextTokenizer
-            self._tok = TextTokenizer(self.root / "tokenizer.json")
+            self._tok = TextTokenizer(bundle_file(self.root, self.manifest, "tokenizer.json",
+                                                  f"{self.root / MANIFEST}: the tokenizer"))
         return self._tok
+
+    @property
+    def token_limit(self) -> int:
+        """Tokens one sequence may hold: the bundle's context, or the KV reserve (`max_tokens`) if smaller."""
+        return min(self.context, self.max_tokens)
 
     def generate(self, prompt: str | Sequence[int], pool="auto", max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                 on_token: Callable[[int], None] | None = None) -> dict:
-        from ..bundle import decode_loop
+                 on_token: Callable[[int], object] | None = None, choose_on: Sequence[int] | None = None) -> dict:
+        """Generate after `prompt` under `pool` (auto/doc: chosen from `choose_on`, default the prompt). A prompt
+        longer than `token_limit` is refused; generation stops at EOS (not returned), after `max_new_tokens`,
+        when the sequence fills `token_limit` ("stop": "context"), or when `on_token` returns true."""
+        from ..bundle import check_prompt, decode_loop
 
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise BundleError("the prompt encodes to no tokens")
-        if len(ids) + max_new_tokens > self.max_tokens:
-            raise BundleError(f"prompt ({len(ids)}) + {max_new_tokens} new tokens exceed the runtime's "
-                              f"max_tokens {self.max_tokens} (the KV budget)")
+        limit = self.token_limit
+        check_prompt(len(ids), limit, "the bundle's context" if limit == self.context else
+                     f"the runtime's KV reserve (max_tokens)")
         reason, scores, swap = "requested", {}, None
         if pool in ("auto", "doc"):
-            pool, reason, scores = self.choose_pool(ids, pool)
+            pool, reason, scores = self.choose_pool(list(choose_on) if choose_on else ids, pool)
         name, target = self.resolve(pool) if pool is not None else (self.active_name, None)
         if target is not None and target != self.active:
             swap = self.use(pool)
@@ -1054,8 +1202,8 @@ class SwappableRuntime:
                 logits, cache = self._forward(ids[a:a + self.prefill_chunk], cache)
             t_prefill = time.perf_counter() - t0
             t1 = time.perf_counter()
-            out = decode_loop(self._forward, logits, cache, max_new_tokens, temperature, top_p, rng,
-                              self.eos if stop_at_eos else None, on_token)
+            out, stop = decode_loop(self._forward, logits, cache, max_new_tokens, temperature, top_p, rng,
+                                    self.eos if stop_at_eos else None, on_token, room=limit - len(ids))
             t_decode = time.perf_counter() - t1
         finally:
             self._lock.release_read()
@@ -1064,7 +1212,8 @@ class SwappableRuntime:
                 "scores": scores, "swap": swap.to_dict() if swap else None,
                 "prefill_tokens": len(ids), "prefill_s": t_prefill,
                 "decode_tokens": n_dec, "decode_s": t_decode,
-                "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0}
+                "decode_tok_s": n_dec / t_decode if t_decode > 0 and n_dec else 0.0,
+                "stop": stop, "total_tokens": len(ids) + len(out)}
 
     # ---- facts ---------------------------------------------------------------------------------------------
     def resident(self) -> dict:
@@ -1094,6 +1243,15 @@ class SwappableRuntime:
         self._load_pool.shutdown(wait=False)
         self.lru.clear()
         _trim()
+
+
+def _run(sess, outs: list, feed: dict, what: str) -> list:
+    """sess.run; onnxruntime's refusal of what a (crafted) bundle's graphs compute is one line naming the graph."""
+    try:
+        return sess.run(outs, feed)
+    except Exception as exc:  # onnxruntime raises its own types
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{what}: onnxruntime failed running it ({msg})") from None
 
 
 def _put_unless_stopped(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -1129,9 +1287,11 @@ def _mb(n: int | None) -> str:
 
 
 def is_swappable(path: str | Path) -> bool:
+    from ..schema import load_json
+
     try:
-        m = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        m = load_json(Path(path) / MANIFEST, BundleError)
+    except BundleError:  # the loader that runs next says what is wrong with it
         return False
     return isinstance(m, dict) and m.get("kind") == "swappable"
 

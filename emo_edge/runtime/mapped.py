@@ -46,7 +46,7 @@ import numpy as np
 from ..errors import BundleError
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: prepared.json holds `fixed_sha256` (graph + non-expert weights)
 POOL_IDX = "/emo_edge/pool_idx"
 MASK = "/emo_edge/mask"
 MADV_DONTNEED = 4
@@ -104,6 +104,10 @@ def cpu_signature() -> str:
         pass
     h = hashlib.sha256(f"{ort.__version__}|{platform.machine()}|{flags}".encode()).hexdigest()[:12]
     return f"ort{ort.__version__}-{platform.machine()}-{h}"
+
+
+# every name prepare() writes into a store: what replacing a store (fsutil.atomic_dir(force=True)) may remove
+STORE_FILES = r"prepared\.json|moe\d+\.(onnx|data)|\.moe\d+\.src\.onnx(\.data)?"
 
 
 def store_dir(bundle_root: Path) -> Path:
@@ -205,18 +209,22 @@ def _write_union_data(rt, L, path: Path) -> dict:
         off = -(-off // PAGE) * PAGE
         bases.append(off)
         off += n * p["nbytes"]
-    buf = np.empty(L.rec_bytes, np.uint8)
+    slot = np.empty(L.meta["record_stride"], np.uint8)  # the record, then its padding (must be zero)
+    buf, pad = slot[:L.rec_bytes], slot[L.rec_bytes:]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, off)
         for e, meta in enumerate(L.meta["experts"]):
-            got = os.preadv(L.fd, [buf.data], meta["offset"])
-            if got != L.rec_bytes:
+            got = os.preadv(L.fd, [slot.data], meta["offset"])
+            if got != slot.nbytes:
                 raise BundleError(f"{rt.root / L.meta['shard']}: expert {meta['source_id']} of layer {L.layer} is "
-                                  f"truncated (read {got} of {L.rec_bytes} bytes)")
+                                  f"truncated (read {got} of {slot.nbytes} bytes)")
             if hashlib.sha256(buf).hexdigest() != meta["sha256"]:
                 raise BundleError(f"{rt.root / L.meta['shard']}: expert {meta['source_id']} of layer {L.layer} "
                                   f"fails its sha256 check (corrupted shard)")
+            if pad.any():
+                raise BundleError(f"{rt.root / L.meta['shard']}: the padding after expert {meta['source_id']} of "
+                                  f"layer {L.layer} is not zero (corrupted shard)")
             a = 0
             for p, base in zip(parts, bases):
                 os.pwrite(fd, buf[a:a + p["nbytes"]], base + e * p["nbytes"])
@@ -289,12 +297,45 @@ def prepare(rt, dest: Path, progress=None) -> dict:
                     h.update(f.read(r["per_expert"]))
                 shas.append(h.hexdigest())
         layers.append({"index": L.index, "layer": L.layer, "model": f"moe{L.index}.onnx", "data": data.name,
-                       "fc1": fc1, "fc2": fc2, "sha256": shas})
+                       "fc1": fc1, "fc2": fc2, "sha256": shas,
+                       "fixed_sha256": fixed_sha256(dest / f"moe{L.index}.onnx", data, _expert_names(L.meta))})
         if progress:
             progress(f"prepared layer {L.layer}: {n} experts in {time.perf_counter() - t0:.1f} s")
     info = {"version": PREPARED_VERSION, "signature": cpu_signature(), "layers": layers}
     (dest / "prepared.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _expert_names(meta: dict) -> set:
+    return {p["name"] for p in meta["parts"]}
+
+
+def fixed_sha256(model: Path, data: Path, experts: set) -> str:
+    """sha256 of what a layer's union session uses besides the experts: the graph file and every byte range of
+    its data file that a non-expert initializer (the router, constants) names, raw and prepacked. The experts'
+    prepacked bytes are checked per expert at each load (MappedLayer.load) and onnxruntime validates them against
+    the raw ones when the session is created; this covers the rest (a corrupted router otherwise changes the
+    routing silently). Small: the router is [hidden, experts] float32."""
+    import onnx
+
+    raw = model.read_bytes()
+    h = hashlib.sha256(raw)
+    graph = onnx.ModelProto()
+    graph.ParseFromString(raw)  # the graph only: no external data is loaded
+    with open(data, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for t in graph.graph.initializer:
+            if t.name in experts:
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            spans = [(int(ext["offset"]), int(ext["length"]))] if "offset" in ext and "length" in ext else []
+            for k, v in ext.items():
+                if k.startswith("prepacked"):
+                    spans += [(int(a), int(b)) for a, b, *_ in (seg.split(";") for seg in v.split("|")[1:])]
+            for off, length in spans:
+                f.seek(off)
+                h.update(f.read(max(0, min(length, size - off))))  # out of range: short, so it mismatches
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
