@@ -423,8 +423,9 @@ def format_plan(plan: ExportPlan) -> str:
             ("norms", "fp32", b["norms"], ""),
             ("rope", "fp32", b.get("rope", 0), "cos/sin caches")]
     budget = "none" if plan.budget is None else fmt_bytes(plan.budget)
-    lines = [f"export plan  target {plan.target}  context {plan.context}  budget {budget}  "
-             f"block {plan.block_size} {'symmetric' if plan.symmetric else 'asymmetric'}",
+    quantized = any(v in ("int8", "int4") for v in p.values())  # block size means nothing to an all-float plan
+    block = f"  block {plan.block_size} {'symmetric' if plan.symmetric else 'asymmetric'}" if quantized else ""
+    lines = [f"export plan  target {plan.target}  context {plan.context}  budget {budget}{block}",
              f"{'component':<12}{'precision':<11}{'bytes':>12}  note", "-" * 64]
     for name, prec, size, note in rows:
         lines.append(f"{name:<12}{prec:<11}{fmt_bytes(size):>12}  {note}".rstrip())

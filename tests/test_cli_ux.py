@@ -310,6 +310,7 @@ def test_plan_labels_block_note_and_report_note_once():
     assert any("block size 16" in n for n in int4.notes)
     table = format_plan(fp32)
     assert "bytes in the bundle on disk" in table and "resident once loaded" in table
+    assert "block" not in table.splitlines()[0] and "block 16 symmetric" in format_plan(int4).splitlines()[0]
     report = {"name": "b", "path": "b", "source": {"path": "m", "identity": "0" * 64}, "pools": [{"name": "all"}],
               "target": "cpu", "plan": plan_summary(int4), "experts_per_layer": [31] * 4, "sizes": {"model.onnx": 1},
               "verification": None, "timings_s": {"total": 1.0}}
