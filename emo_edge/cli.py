@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "emo_edge.commands.pools",
     "emo_edge.commands.eval",
     "emo_edge.commands.chat",
+    "emo_edge.commands.serve",
 ]
 
 

@@ -1,0 +1,8 @@
+"""`emo-edge serve`: an OpenAI-compatible local server that picks the expert pool per request.
+
+```
+ HTTP (app.py, Starlette) ──validate (openai_schema.py), build job (generation.py)──▶ Scheduler (scheduler.py)
+   one worker thread owning the Engine (engine_adapter.py) ──use(pool), generate──▶ events ──▶ JSON / SSE
+ /metrics (metrics.py, Prometheus text)     / (static/index.html, the chat page)
+```
+"""
