@@ -4,7 +4,6 @@ generation. Imports onnxruntime, numpy and tokenizers only (never torch)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Callable, Sequence

@@ -50,19 +50,6 @@ def os_reason(exc: OSError) -> str:
     return _SPACE.get(exc.errno) or exc.strerror or str(exc)
 
 
-def read_json(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found"):
-    """Parse a JSON file; any failure is `error` with a one-line message naming the file."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: {missing}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise error(f"{path}: cannot read ({exc.strerror})") from None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # what --force may replace
 # ---------------------------------------------------------------------------------------------------------

@@ -117,24 +117,31 @@ def parse_json(text: str | bytes, where: str, error: type[EmoEdgeError] = EmoEdg
     return data
 
 
-def load_json(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
-              max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Read and parse a JSON file of at most `max_bytes`; any failure is `error` with one line naming the file."""
+def read_bounded(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
+                 max_bytes: int = MAX_JSON_BYTES, regular: bool = True, limit_note: str = "") -> bytes:
+    """At most `max_bytes` of `path`, refusing more (so /dev/zero or a huge file is one line, not a MemoryError);
+    `regular`: refuse anything but a regular file (pipes such as `--calib <(...)` need regular=False)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            if regular and not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise error(f"{path}: not a regular file")
             raw = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
     except IsADirectoryError:
-        raise error(f"{path}: is a directory, expected a JSON file") from None
+        raise error(f"{path}: is a directory, expected a file") from None
     except OSError as exc:
         raise error(f"{path}: cannot read ({exc.strerror})") from None
     if len(raw) > max_bytes:
-        raise error(f"{path}: larger than {max_bytes >> 20} MiB; not a file emo-edge writes or reads")
-    return parse_json(raw, str(path), error)
+        raise error(f"{path}: larger than {max_bytes >> 20} MiB{limit_note or '; not a file emo-edge writes or reads'}")
+    return raw
+
+
+def load_json(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read and parse a JSON file of at most `max_bytes`; any failure is `error` with one line naming the file."""
+    return parse_json(read_bounded(path, error, missing, max_bytes), str(path), error)
 
 
 def _loc(loc: tuple) -> str:

@@ -24,7 +24,7 @@ from typing import Annotated
 from pydantic import Field
 
 from ..errors import PoolError
-from ..schema import Schema, parse_json, validate
+from ..schema import Schema, parse_json, read_bounded, validate
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_FILE_BYTES = 64 << 20  # one calibration or held-out file (a handful of documents is what discovery needs)
@@ -66,19 +66,9 @@ class CalibLine(Schema):
 def _read_bounded(path: Path) -> bytes:
     """At most MAX_FILE_BYTES of `path`; a pipe (`--calib <(...)`) is read the same bounded way, a device such
     as /dev/zero is refused after the bound rather than read until memory runs out."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise PoolError(f"{path}: calibration file not found") from None
-    except IsADirectoryError:
-        raise PoolError(f"{path}: is a directory, expected a text or JSONL file") from None
-    except OSError as exc:
-        raise PoolError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise PoolError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; calibration files are at most "
-                        f"{MAX_FILE_BYTES >> 20} MiB (a document at most {MAX_DOCUMENT_CHARS} characters)")
-    return raw
+    return read_bounded(path, PoolError, "calibration file not found", MAX_FILE_BYTES, regular=False,
+                        limit_note=f"; calibration files are at most {MAX_FILE_BYTES >> 20} MiB (a document at most "
+                                   f"{MAX_DOCUMENT_CHARS} characters)")
 
 
 def parse_jsonl(text: str, where: str) -> list[str]:

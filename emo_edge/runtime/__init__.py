@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import queue
 import threading
@@ -1185,7 +1184,7 @@ class SwappableRuntime:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         limit = self.token_limit
         check_prompt(len(ids), limit, "the bundle's context" if limit == self.context else
-                     f"the runtime's KV reserve (max_tokens)")
+                     "the runtime's KV reserve (max_tokens)")
         reason, scores, swap = "requested", {}, None
         if pool in ("auto", "doc"):
             pool, reason, scores = self.choose_pool(list(choose_on) if choose_on else ids, pool)
