@@ -175,6 +175,8 @@ def confined(root: str | Path, name: Any, where: str, error: type[EmoEdgeError] 
     if not isinstance(name, str) or not name or "\0" in name:
         raise error(f"{where}: path {name!r} is not a file name")
     p = Path(name)
+    if len(os.fsencode(name)) > 4095 or any(len(os.fsencode(part)) > 255 for part in p.parts):
+        raise error(f"{where}: path {name[:40]!r}... is longer than a file system allows (255 bytes a name)")
     if p.is_absolute() or ".." in p.parts or name.startswith("~"):
         raise error(f"{where}: path {name!r} points outside {root}")
     root = Path(root)

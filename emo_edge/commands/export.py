@@ -2,7 +2,12 @@
 
 Every argument is checked first (`preflight`), with the light modules only (click, numpy, the checkpoint's
 headers, the pool catalog): torch and onnx are imported by the export stages, and pools are discovered, only
-after all of it passed, so a typo costs a fraction of a second, not the imports and minutes of discovery."""
+after all of it passed, so a typo costs a fraction of a second, not the imports and minutes of discovery.
+
+`--dry-run` stops after the planning stage: it prints the plan (`--json`: the plan dict a bundle's report.json
+stores) and the pools that would be discovered first, discovering none, reading no weight and writing nothing.
+With `--swappable` it prints the plan of the pools' union, which is what the swappable export builds (without a
+budget, which `chat` applies at run time); refusing would hide the one plan that export does follow."""
 
 from __future__ import annotations
 
@@ -73,9 +78,19 @@ def register(cli: click.Group) -> None:
     @click.option("--swappable", is_flag=True, help="Backbone + per-expert shards for the pool-swapping runtime "
                   "(`emo-edge chat`): every pool's experts stored once, loaded on demand. Takes no --budget (give "
                   "it to `chat`).")
-    def export_cmd(model, pools, budget, context, target, precision, out, force, verify, swappable):
+    @click.option("--dry-run", is_flag=True, help="Print the plan (and the pools that would be discovered first) "
+                  "and write nothing: no pool is discovered, no weight read.")
+    @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON on stdout (the "
+                  "dict a bundle's report.json stores under 'plan'), nothing else.")
+    def export_cmd(model, pools, budget, context, target, precision, out, force, verify, swappable, dry_run,
+                   as_json):
         """Export a verified ONNX bundle of the model restricted to the pools' experts."""
+        if as_json and not dry_run:
+            raise EmoEdgeError("--json needs --dry-run (an export prints its summary; the bundle's report.json "
+                               "holds the plan)")
         path = preflight(model, pools, budget, context, target, precision, out, force, swappable)
+        if dry_run:
+            return print_dry_run(path, pools, budget, context, target, precision, out, force, swappable, as_json)
         from ..export.pipeline import export, rss_peak
 
         if swappable:
@@ -109,4 +124,50 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"verification: {'PASS' if v['passed'] else 'FAIL'}: {extra}")
         if v.get("sample"):
             lines.append(f"verification sample: {v['sample']['text']}")
+    return lines
+
+
+def print_dry_run(path, pools, budget, context, target, precision, out, force, swappable, as_json) -> None:
+    """`export --dry-run [--json]`: the plan on stdout; the pools that would be discovered first on stderr with
+    --json (stdout holds the JSON alone), on stdout otherwise."""
+    import json
+
+    from .. import progress
+    from ..export.pipeline import dry_run, plan_summary
+
+    planned, dest = dry_run(path, pools, budget, context, target, precision,
+                            Path(out) if out is not None else None, force, swappable)
+    if as_json:
+        for line in pending_lines(planned.pending):
+            progress.note(line)
+        click.echo(json.dumps(plan_summary(planned.plan), indent=2, sort_keys=True))
+        return
+    for line in dry_run_lines(planned, dest, swappable):
+        click.echo(line)
+
+
+def pending_lines(pending) -> list[str]:
+    if not pending:
+        return []
+    lines = ["pools to discover first (not in the catalog yet: an export discovers and stores them, a dry run "
+             "only counts them):"]
+    for p in pending:
+        sizes = sorted({n for n in p.sizes if n is not None})
+        lines.append(f"  {p.name}: built-in domain, {p.method} at fraction {p.fraction:g} -> "
+                     f"{'/'.join(map(str, sizes))} routed experts per MoE layer; would be stored as {p.catalog}")
+    return lines
+
+
+def dry_run_lines(planned, dest: Path, swappable: bool) -> list[str]:
+    from ..plan import format_plan
+
+    plan = planned.plan
+    lines = ["dry run: no pool discovered, no weight read, nothing written"] + pending_lines(planned.pending)
+    if swappable:
+        lines.append("--swappable: the plan of the pools' union, which the swappable bundle stores once (no budget "
+                     "here: `emo-edge chat BUNDLE --budget ...` keeps within one at run time)")
+    lines.append(format_plan(plan))
+    kept = [len(e) for e in plan.experts if e is not None]
+    lines.append(f"experts kept per MoE layer: {' '.join(map(str, kept)) or '-'} ({len(plan.trimmed)} trimmed)")
+    lines.append(f"bundle: would be written to {dest}")
     return lines

@@ -1,15 +1,19 @@
 """export: checkpoint + pools + budget -> verified bundle, written to a temporary directory and renamed into
 place only when complete and verified.
 
-    resolve (model, pools, target, plan) -> build graph (layer by layer, streaming) -> onnx.checker
+    plan_export: resolve (model, pools, target) -> plan      (export --dry-run stops here, discovering nothing)
+    -> build graph (layer by layer, streaming) -> onnx.checker
     -> tokenizer + genai_config + config.json (Hugging Face) -> verify -> report -> manifest (sha256) -> rename
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,6 +125,44 @@ def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> 
 DEFAULT_CONTEXT = 4096  # when the checkpoint does not know its own (max_position_embeddings: -1)
 
 
+@dataclass(frozen=True)
+class Planned:
+    """The planning stage's result: what the build stage follows, and what `export --dry-run` prints."""
+
+    plan: ExportPlan
+    pools: list  # per pool: its description for the manifest and report
+    target: Any  # the Target the plan was made for
+    pending: list = field(default_factory=list)  # planning.PendingPool: to be discovered first (dry run only)
+
+
+def plan_export(view: CheckpointView, pools: str, budget: str | None, context: int | None, target: str,
+                precision: str, progress: bool = True, discover: bool = True) -> Planned:
+    """resolve pools (discovering built-in domains the catalog lacks, unless `discover` is False) -> plan.
+    Reads no weight except through discovery; with `discover=False` it reads only headers, catalog entries and
+    pool files, and writes nothing."""
+    from targets import get_target
+
+    spec = view.spec
+    tgt = get_target(target)
+    budget_bytes = parse_size(budget, "--budget") if budget else None
+    if context is None:
+        context = spec.max_position_embeddings or DEFAULT_CONTEXT
+    if discover:
+        layers, pool_desc, scores = planning.resolve_pool_layers(
+            view, pools, spec, progress=progress_out.factory("tok") if progress else None,
+            log=progress_out.note if progress else None)
+        pending = []
+    else:
+        layers, pool_desc, scores, pending = planning.peek_pool_layers(view, pools, spec)
+    if context < 8:
+        raise EmoEdgeError(f"--context {context} is too small")
+    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, expert_scores=scores,
+                     identity=view.identity)
+    if pending:
+        plan = dataclasses.replace(plan, notes=[*plan.notes, planning.pending_note(spec, pending)])
+    return Planned(plan, pool_desc, tgt, pending)
+
+
 def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
            out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int | None = None) -> dict:
     """`n_verify`: held-out sequences to verify on (None: by model size, see export/verify.py verify_sample)."""
@@ -129,19 +171,8 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
         check_target(out, force)
     view = CheckpointView(model)
     spec = view.spec
-    from targets import get_target
-
-    tgt = get_target(target)
-    budget_bytes = parse_size(budget, "--budget") if budget else None
-    if context is None:
-        context = spec.max_position_embeddings or DEFAULT_CONTEXT
-    layers, pool_desc, scores = planning.resolve_pool_layers(
-        view, pools, spec, progress=progress_out.factory("tok") if progress else None,
-        log=progress_out.note if progress else None)
-    if context < 8:
-        raise EmoEdgeError(f"--context {context} is too small")
-    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, expert_scores=scores,
-                     identity=view.identity)
+    planned = plan_export(view, pools, budget, context, target, precision, progress)
+    plan, pool_desc, tgt, context = planned.plan, planned.pools, planned.target, planned.plan.context
     if progress:
         progress_out.note(format_plan(plan))
     layers = plan.experts  # the planner may have trimmed experts to fit the budget
@@ -217,3 +248,15 @@ METRIC_KEYS = {"top1_agreement": "top1_min", "kl": "kl_max", "ppl_ratio": "ppl_r
 def verify_mod():
     from . import verify
     return verify
+
+
+def dry_run(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
+            out: Path | None, force: bool, swappable: bool = False) -> tuple[Planned, Path]:
+    """The plan `export` would follow and the bundle path it would write (checked as the export checks it):
+    no pool is discovered, no weight read, nothing written. `swappable`: the plan of the pools' union that the
+    swappable export builds (with no budget: `chat --budget` applies one at run time)."""
+    view = CheckpointView(model)
+    planned = plan_export(view, pools, None if swappable else budget, context, target, precision, discover=False)
+    if out is None:
+        out = default_out(model, pools, precision + "-swappable" if swappable else plan_label(planned.plan))
+    return planned, check_target(out, force)

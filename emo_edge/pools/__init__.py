@@ -9,17 +9,7 @@ See `catalog.py` (format and locations), `discover.py` (methods), `calib.py` (ca
 from .catalog import (BUILTIN_DOMAINS, DEFAULT_FRACTION, DEFAULT_METHOD, Catalog, Pool, builtin_calib,
                       compose, default_catalog_dir, discover_pool, jaccard, load_pool_path, resolve_pools)
 
-METHODS = ("mass", "layerwise", "easy-ep")  # = discover.METHODS (checked by tests); kept here so that naming,
-# listing and validating pools does not import torch (discover.py does, lazily via __getattr__ below)
-
-
-def __getattr__(name: str):
-    if name == "pool_sizes":
-        from .discover import pool_sizes
-
-        return pool_sizes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .sizes import METHODS, pool_sizes
 
 __all__ = ["BUILTIN_DOMAINS", "DEFAULT_FRACTION", "DEFAULT_METHOD", "METHODS", "Catalog", "Pool", "builtin_calib",
            "compose", "default_catalog_dir", "discover_pool", "jaccard", "load_pool_path", "pool_sizes",

@@ -398,6 +398,22 @@ def jsonl(r, raw: bytes, ctx: Ctx):
     return byte_mutant(r, raw)
 
 
+def redirect(r: Rand, m: dict, ctx: Ctx) -> None:
+    """The attack of issue 14 item 1 on a manifest: a file name the manifest uses (a segment, router, shard or
+    template) pointed at the decoy copy outside the bundle, with a `files` entry for the new name whose size and
+    sha256 are right (the decoy has the same bytes): only path containment can refuse it."""
+    names = [p for p in all_paths(m)
+             if p and p[0] != "files" and isinstance(_at(m, p), str) and _at(m, p) in m["files"]]
+    if not names:
+        return
+    path = r.pick(names)
+    old = _at(m, path)
+    new = r.pick([f"{ctx.decoy_rel}/{old}", f"{ctx.decoy_abs}/{old}", f"sub/../{ctx.decoy_rel}/{old}"])
+    parent = _at(m, path[:-1])
+    parent[path[-1]] = new
+    m["files"][new] = dict(m["files"][old])
+
+
 def dir_mutant(r, files: dict[str, bytes], ctx: Ctx, manifest: bool, always_rehash: bool = False,
                only: tuple[str, ...] | None = None, escape: bool = True):
     """A case for a whole directory: {"files": {name: bytes | {"symlink": target} | None}, "rehash": bool}.
@@ -420,9 +436,11 @@ def dir_mutant(r, files: dict[str, bytes], ctx: Ctx, manifest: bool, always_reha
                 continue
             m = json.loads(files["manifest.json"])
             listed = sorted(m["files"]) if isinstance(m, dict) and isinstance(m.get("files"), dict) else []
-            if listed:
+            if listed and r.bool():
                 del m["files"][r.pick(listed)]
-                out["manifest.json"] = json.dumps(m).encode()
+            elif listed:
+                redirect(r, m, ctx)
+            out["manifest.json"] = json.dumps(m).encode()
         else:
             extra = r.pick(["pytorch_model.bin", ".hidden", "model.onnx_data", "x.safetensors"])
             out[extra] = r.bytes(64)

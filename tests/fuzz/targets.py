@@ -50,6 +50,25 @@ def whole(manifest: bool = False, escape: bool = True):
     return lambda ctx, files, home: lambda r: mutate.dir_mutant(r, files, ctx, manifest, escape=escape)
 
 
+def genai_cases(ctx, files, home):
+    """genai_config.json mutated (manifest re-hashed), or its decoder pointed at the decoy model outside the bundle
+    with a manifest entry for that name whose sha256 is right (the attack of issue 14 item 1)."""
+    mutated = only("genai_config.json", True, rehash=True)(ctx, files, home)
+    genai, manifest = json.loads(files["genai_config.json"]), json.loads(files["manifest.json"])
+
+    def make(r):
+        if r.int(0, 2):
+            return mutated(r)
+        g, m = json.loads(json.dumps(genai)), json.loads(json.dumps(manifest))
+        old = g["model"]["decoder"]["filename"]
+        new = r.pick([f"{ctx.decoy_rel}/{old}", f"{ctx.decoy_abs}/{old}", f"sub/../{ctx.decoy_rel}/{old}"])
+        g["model"]["decoder"]["filename"] = new
+        m["files"][new] = dict(m["files"][old])
+        return {"files": {"genai_config.json": json.dumps(g).encode(), "manifest.json": json.dumps(m).encode()},
+                "rehash": True}
+    return make
+
+
 def header_cases(ctx, files, home):
     raw = files["model.safetensors"]
     return lambda r: {"files": {"model.safetensors": mutate.safetensors(r, raw, ctx)}}
@@ -209,7 +228,7 @@ TARGET_LIST = [
     Target("manifest_static", "static", "manifest.json of a static bundle (Bundle + one forward)",
            only("manifest.json", True), load_bundle, e2e=True, weight=3, probes=True),
     Target("genai_config", "static", "genai_config.json, manifest re-hashed (Bundle + one forward)",
-           only("genai_config.json", True, rehash=True), load_bundle, e2e=True, weight=2, probes=True),
+           genai_cases, load_bundle, e2e=True, weight=2, probes=True),
     Target("bundle", "static", "static bundle, any file mutated, sometimes re-hashed (Bundle + forward)",
            whole(True), load_bundle, e2e=True, weight=3, probes=True),
     Target("manifest_swappable", "swap", "manifest.json of a swappable bundle (SwappableRuntime + swap + forward)",
