@@ -9,7 +9,7 @@ rebuild design sat at ~5x the disk-read floor. onnxruntime can save prepacked co
 directly (it re-derives them once at load to validate: "Serialized pre-packed weights ... do not match" on
 a stale store). So:
 
-  prepare (once per bundle, onnxruntime version and CPU; `$EMO_EDGE_HOME/prepared/<key>/`):
+  prepare (once per bundle, onnxruntime version and CPU; `$EMO_EDGE_HOME/prepared/<key>/`; prepared.py):
       per MoE layer, the union block with every expert (raw shards verified against the manifest's sha256) is
       saved with its prepacked weights; prepared.json records, per layer, where each expert's prepacked fc1 and
       fc2 bytes lie in moe{m}.data and their sha256.
@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import platform
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +104,7 @@ def cpu_signature() -> str:
     return f"ort{ort.__version__}-{platform.machine()}-{h}"
 
 
-# every name prepare() writes into a store: what replacing a store (fsutil.atomic_dir(force=True)) may remove
+# every name prepared.prepare() writes into a store: what replacing a store (fsutil.atomic_dir(force=True)) may remove
 STORE_FILES = r"prepared\.json|moe\d+\.(onnx|data)|\.moe\d+\.src\.onnx(\.data)?"
 
 
@@ -175,167 +173,6 @@ def union_block(template, meta: dict, arrays: dict):
     m = helper.make_model(g, opset_imports=list(template.opset_import), producer_name="emo-edge mapped")
     m.ir_version = template.ir_version
     return m
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the prepared store
-# ---------------------------------------------------------------------------------------------------------
-_PREPACKED = re.compile(r"^[^|]+\|(\d+);(\d+);\d+(\|.*)?$")
-
-
-def _packed_region(t, n_experts: int) -> dict | None:
-    """{offset, length, per_expert} of an initializer's first prepacked buffer in its external data file."""
-    d = {e.key: e.value for e in t.external_data}
-    pp = next((v for k, v in d.items() if k.startswith("prepacked")), None)
-    if pp is None:
-        return None
-    m = _PREPACKED.match(pp)
-    if not m:
-        return None
-    off, length = int(m.group(1)), int(m.group(2))
-    if length % n_experts:
-        return None
-    return {"offset": off, "length": length, "per_expert": length // n_experts}
-
-
-def _write_union_data(rt, L, path: Path) -> dict:
-    """Stream layer L's expert records from its shard into `path` laid out per part ([n, ...] contiguous, as the
-    union block's initializers), verifying each record's sha256; returns name -> external TensorProto."""
-    from onnx import TensorProto, helper
-
-    n, parts = len(L.ids), L.meta["parts"]
-    bases, off = [], 0
-    for p in parts:
-        off = -(-off // PAGE) * PAGE
-        bases.append(off)
-        off += n * p["nbytes"]
-    slot = np.empty(L.meta["record_stride"], np.uint8)  # the record, then its padding (must be zero)
-    buf, pad = slot[:L.rec_bytes], slot[L.rec_bytes:]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, off)
-        for e, meta in enumerate(L.meta["experts"]):
-            got = os.preadv(L.fd, [slot.data], meta["offset"])
-            if got != slot.nbytes:
-                raise BundleError(f"{rt.root / L.meta['shard']}: expert {meta['source_id']} of layer {L.layer} is "
-                                  f"truncated (read {got} of {slot.nbytes} bytes)")
-            if hashlib.sha256(buf).hexdigest() != meta["sha256"]:
-                raise BundleError(f"{rt.root / L.meta['shard']}: expert {meta['source_id']} of layer {L.layer} "
-                                  f"fails its sha256 check (corrupted shard)")
-            if pad.any():
-                raise BundleError(f"{rt.root / L.meta['shard']}: the padding after expert {meta['source_id']} of "
-                                  f"layer {L.layer} is not zero (corrupted shard)")
-            a = 0
-            for p, base in zip(parts, bases):
-                os.pwrite(fd, buf[a:a + p["nbytes"]], base + e * p["nbytes"])
-                a += p["nbytes"]
-    finally:
-        os.close(fd)
-    protos = {}
-    for p, base in zip(parts, bases):
-        t = TensorProto()
-        t.name = p["name"]
-        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(p["dtype"]))
-        t.dims.extend([n, *p["shape"]])
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", path.name), ("offset", str(base)), ("length", str(n * p["nbytes"]))):
-            ent = t.external_data.add()
-            ent.key, ent.value = k, v
-        protos[p["name"]] = t
-    return protos
-
-
-def prepare(rt, dest: Path, progress=None) -> dict:
-    """Write the prepared store for runtime `rt` (a SwappableRuntime) into `dest` (an empty directory)."""
-    import onnx
-    import onnxruntime as ort
-
-    layers = []
-    for L in rt.layers:
-        t0 = time.perf_counter()
-        src = dest / f".moe{L.index}.src.onnx"
-        arrays = {L.meta["router_weight"]: np.ascontiguousarray(L.router)}
-        arrays.update(_write_union_data(rt, L, dest / (src.name + ".data")))  # one record in memory at a time
-        model = union_block(L.template, L.meta, arrays)
-        onnx.save(model, str(src))
-        del model, arrays
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.optimized_model_filepath = str(dest / f"moe{L.index}.onnx")
-        so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"moe{L.index}.data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        try:
-            sess = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own types
-            raise BundleError(f"layer {L.layer}: onnxruntime cannot prepare the union block "
-                              f"({str(exc).splitlines()[0]})") from None
-        del sess
-        src.unlink()
-        (dest / (src.name + ".data")).unlink()
-        saved = onnx.load(str(dest / f"moe{L.index}.onnx"), load_external_data=False)
-        n = len(L.ids)
-        regions = {}
-        for t in saved.graph.initializer:
-            if t.name in (L.meta["parts"][0]["name"], L.meta["parts"][2]["name"] if len(L.meta["parts"]) > 2 else ""):
-                r = _packed_region(t, n)
-                if r is None:
-                    raise BundleError(f"layer {L.layer}: onnxruntime saved no per-expert prepacked weights for "
-                                      f"{t.name}")
-                regions[t.name] = r
-        if len(regions) != 2:
-            raise BundleError(f"layer {L.layer}: expected prepacked fc1 and fc2 weights, found {sorted(regions)}")
-        fc1, fc2 = (regions[L.meta["parts"][0]["name"]], regions[L.meta["parts"][2]["name"]])
-        data = dest / f"moe{L.index}.data"
-        shas = []
-        with open(data, "rb") as f:
-            for e in range(n):
-                h = hashlib.sha256()
-                for r in (fc1, fc2):
-                    f.seek(r["offset"] + e * r["per_expert"])
-                    h.update(f.read(r["per_expert"]))
-                shas.append(h.hexdigest())
-        layers.append({"index": L.index, "layer": L.layer, "model": f"moe{L.index}.onnx", "data": data.name,
-                       "fc1": fc1, "fc2": fc2, "sha256": shas,
-                       "fixed_sha256": fixed_sha256(dest / f"moe{L.index}.onnx", data, _expert_names(L.meta))})
-        if progress:
-            progress(f"prepared layer {L.layer}: {n} experts in {time.perf_counter() - t0:.1f} s")
-    info = {"version": PREPARED_VERSION, "signature": cpu_signature(), "layers": layers}
-    (dest / "prepared.json").write_text(json.dumps(info, indent=1))
-    return info
-
-
-def _expert_names(meta: dict) -> set:
-    return {p["name"] for p in meta["parts"]}
-
-
-def fixed_sha256(model: Path, data: Path, experts: set) -> str:
-    """sha256 of what a layer's union session uses besides the experts: the graph file and every byte range of
-    its data file that a non-expert initializer (the router, constants) names, raw and prepacked. The experts'
-    prepacked bytes are checked per expert at each load (MappedLayer.load) and onnxruntime validates them against
-    the raw ones when the session is created; this covers the rest (a corrupted router otherwise changes the
-    routing silently). Small: the router is [hidden, experts] float32."""
-    import onnx
-
-    raw = model.read_bytes()
-    h = hashlib.sha256(raw)
-    graph = onnx.ModelProto()
-    graph.ParseFromString(raw)  # the graph only: no external data is loaded
-    with open(data, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for t in graph.graph.initializer:
-            if t.name in experts:
-                continue
-            ext = {e.key: e.value for e in t.external_data}
-            spans = [(int(ext["offset"]), int(ext["length"]))] if "offset" in ext and "length" in ext else []
-            for k, v in ext.items():
-                if k.startswith("prepacked"):
-                    spans += [(int(a), int(b)) for a, b, *_ in (seg.split(";") for seg in v.split("|")[1:])]
-            for off, length in spans:
-                f.seek(off)
-                h.update(f.read(max(0, min(length, size - off))))  # out of range: short, so it mismatches
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------

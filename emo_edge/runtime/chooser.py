@@ -1,0 +1,115 @@
+"""Pool choice: the prompt's router probabilities over every exported expert, probed through the resident
+backbone (independent of the resident pool), and the catalog pool (or ad-hoc top-N pool) they cover best."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..bundle import decoder_feed
+from ..errors import PoolError
+
+
+class Chooser:
+    """SwappableRuntime's pool chooser.
+
+    Uses the runtime's segments, layers, pools, resolve() and (probe "active") the forward pass and lock."""
+
+    # ---- pool choice ---------------------------------------------------------------------------------------
+    def router_mass(self, ids: Sequence[int], probe: str = "backbone") -> list[np.ndarray]:
+        """Per MoE layer: router probabilities [T, r_union] over all exported experts for the prompt.
+
+        probe "backbone" (the chooser's): the prompt runs through the resident backbone with the shared and
+        always-active experts only (each routed-expert block's output left out), so the routers see the same
+        hidden states whatever pool is resident or came before; needs no pool loaded and takes no lock (the
+        backbone and the routers never change). probe "active": through the active pool (the old chooser,
+        history-dependent; kept to measure the difference, bench/auto_pool.py)."""
+        if probe not in ("backbone", "active"):
+            raise PoolError(f"router probe '{probe}': expected backbone or active")
+        zs: list[list[np.ndarray]] = [[] for _ in self.layers]
+        cache = self.empty_cache()
+        if probe == "active":
+            self._acquire_pool(None)
+        try:
+            for a in range(0, len(ids), self.prefill_chunk):
+                chunk = ids[a:a + self.prefill_chunk]
+                cache = (self._probe_forward(chunk, cache, zs) if probe == "backbone"
+                         else self._active_probe(chunk, cache, zs))
+        finally:
+            if probe == "active":
+                self._lock.release_read()
+        out = []
+        for parts in zs:
+            z = np.concatenate(parts).astype(np.float64)  # (T, r_union)
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            out.append(p / p.sum(axis=1, keepdims=True))
+        return out
+
+    def _active_probe(self, ids, cache, zs):
+        probe: list = []
+        _, cache = self._forward(ids, cache, probe)
+        for m, z in enumerate(probe):
+            zs[m].append(z)
+        return cache
+
+    def _probe_forward(self, ids, cache, zs) -> list[np.ndarray]:
+        """One chunk through the backbone segments, routed experts left out; appends each MoE layer's router
+        logits (T, r_union) to zs[m]. Returns the new KV cache."""
+        env = decoder_feed(ids, cache, self.context, self.vocab_size, self.n_layers)
+        for s, (sess, ins, outs) in enumerate(self.segments):
+            env.update(zip(outs, sess.run(outs, {k: env[k] for k in ins})))
+            if s < len(self.layers):
+                L = self.layers[s]
+                x = env[L.meta["x"]]
+                zs[s].append(x.reshape(-1, x.shape[-1]) @ L.router)
+                env[L.meta["y"]] = np.zeros_like(x)  # the routed experts' block adds nothing
+        return [env[f"present.{i}.{kv}"] for i in range(self.n_layers) for kv in ("key", "value")]
+
+    def choose_pool(self, ids: Sequence[int], mode: str = "auto", probe: str = "backbone") -> tuple[object, str, dict]:
+        """mode 'auto': the catalog pool with the highest router-mass coverage of the prompt (mean over MoE
+        layers of the mean over tokens of the probability mass its experts get); 'doc': per layer the top-N
+        experts of the prompt's router mass (N = the largest catalog pool's size in that layer, what the budget
+        was checked for). Routers are probed independently of the resident pool (`router_mass`), so the same
+        prompt gets the same pool whatever came before. Returns (pool name or per-layer lists, reason, scores)."""
+        from ..bundle import check_prompt
+
+        check_prompt(len(ids), self.context, "the bundle's context")
+        probs = self.router_mass(ids, probe)
+        how = "routers probed with the backbone and shared experts, independent of the resident pool" \
+            if probe == "backbone" else f"routers probed with pool '{self.active_name}'"
+        if mode == "doc":
+            sizes = self._largest_pool()
+            layers: list = [None] * self.n_layers
+            counts = [max(len(size), L.meta["routed_k"]) for L, size in zip(self.layers, sizes)]
+            for L, top in zip(self.layers, top_experts(probs, counts)):
+                layers[L.layer] = sorted(L.ids[i] for i in top)
+            cov = coverage(probs, [[L.pos[s] for s in layers[L.layer]] for L in self.layers])
+            return layers, (f"ad-hoc per-layer top-N pool from the prompt ({[len(s) for s in sizes]} experts per "
+                            f"layer), router-mass coverage {cov:.3f} ({how})"), {"doc": cov}
+        pools = {name: [[L.pos[s] for s in ids_] for L, ids_ in zip(self.layers, self.resolve(name)[1])]
+                 for name in self.pools}
+        best, scores = best_pool(probs, pools)
+        ranked = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
+        return best, f"highest router-mass coverage of the prompt over {len(ids)} tokens: {ranked} ({how})", scores
+
+
+# ---- the choice itself: pure functions of the router probabilities ---------------------------------------
+def coverage(probs: Sequence[np.ndarray], positions: Sequence[list[int]]) -> float:
+    """Router-mass coverage of a pool: the mean over MoE layers of the mean over tokens of the probability mass
+    the pool's experts get. probs: per MoE layer (T, r_union); positions: per MoE layer the pool's union
+    positions (their order is the summation order)."""
+    return float(np.mean([p[:, pos].sum(axis=1).mean() for p, pos in zip(probs, positions)]))
+
+
+def top_experts(probs: Sequence[np.ndarray], counts: Sequence[int]) -> list[np.ndarray]:
+    """Per MoE layer: the union positions of the counts[m] experts with the most router mass over the prompt's
+    tokens, most first (ties: lower position first)."""
+    return [np.argsort(-p.sum(axis=0), kind="stable")[:n] for p, n in zip(probs, counts)]
+
+
+def best_pool(probs: Sequence[np.ndarray], pools: dict[str, list[list[int]]]) -> tuple[str, dict[str, float]]:
+    """The pool (name -> per-layer union positions) with the highest coverage (ties: the first), and every
+    pool's coverage."""
+    scores = {name: coverage(probs, positions) for name, positions in pools.items()}
+    return max(scores, key=lambda k: scores[k]), scores
