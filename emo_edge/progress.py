@@ -66,7 +66,7 @@ class _Lines(_Silent):
         self.t0 = time.perf_counter()
         self.quarter = 0
         self.closed = False
-        self._print(f"{desc}: started" + (f" ({_count(total)} {unit})" if total else ""))
+        self._print(f"{desc}: started" + (f" ({_count(total)} {_plural(unit, total)})" if total else ""))
 
     @staticmethod
     def _print(text: str) -> None:
@@ -86,11 +86,17 @@ class _Lines(_Silent):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._print(f"{self.desc}: done ({_count(self.n)} {self.unit} in {time.perf_counter() - self.t0:.1f} s)")
+            self._print(f"{self.desc}: done ({_count(self.n)} {_plural(self.unit, self.n)} in "
+                        f"{time.perf_counter() - self.t0:.1f} s)")
 
 
 def _count(n: float) -> str:
     return f"{int(n)}" if float(n).is_integer() else f"{n:.1f}"
+
+
+def _plural(unit: str, n: float) -> str:
+    """'1 step', '6 steps'; abbreviations ('tok', 'it', 'B') and words already plural stay as they are."""
+    return unit + "s" if n != 1 and len(unit) > 3 and not unit.endswith("s") else unit
 
 
 def bar(total: float | None, desc: str, unit: str = "it", unit_scale: bool = False):
