@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import BundleError
+from .ort_session import cpu_session
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -111,7 +112,7 @@ class Bundle:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(str(graph), opts)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{self.root}: onnxruntime cannot load the model ({str(exc).splitlines()[0]})") from None
         self._check_inputs(genai)

@@ -511,3 +511,20 @@ def test_check_files_names_the_entry(world, tmp_path):
     m["files"]["../static/model.onnx"] = m["files"]["model.onnx"]
     with pytest.raises(BundleError, match=r"field 'files.../static/model.onnx'.*outside"):
         check_files(b, m)
+
+
+def test_graph_onnxruntime_rejects_prints_one_line_and_nothing_on_stdout(world, tmp_path):
+    """A re-hashed graph that parses but that onnxruntime refuses (a node name that is not UTF-8): one `error:`
+    line, and none of onnxruntime's provider-fallback chatter on stdout (it used to print four lines there and
+    load the model a second time)."""
+    b = copy(world, "static", tmp_path)
+    raw = bytearray((b / "model.onnx").read_bytes())
+    at = raw.find(b"/model/layers.0")
+    assert at > 0
+    raw[at + 1:at + 3] = b"\xc3\x28"  # an invalid UTF-8 sequence, same length
+    (b / "model.onnx").write_bytes(bytes(raw))
+    edit_manifest(b, lambda m: None)
+    r = run_cli("run", str(b), "--prompt", "12", "--max-new-tokens", "2")
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "onnxruntime cannot load the model" in lines[0] and "utf-8" in lines[0], r.stderr

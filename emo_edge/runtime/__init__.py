@@ -48,6 +48,7 @@ from .memory import GLOBAL_THREADS, MB, _mb, _trim, peak_rss, reset_peak_rss, rs
 from .prepared import PreparedStore
 from .rebuild import RebuildSwap
 from .rwlock import RWLock
+from ..ort_session import cpu_session
 
 __all__ = ["GLOBAL_THREADS", "MANIFEST", "MB", "MoELayer", "RWLock", "SwapStats", "SwappableRuntime",
            "is_swappable", "mapped", "peak_rss", "reset_peak_rss", "rss", "swappable_logits"]
@@ -145,7 +146,7 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
         for seg in sw["segments"]:
             so = self._options()
             try:
-                sess = self._ort.InferenceSession(str(self.root / seg["file"]), so, providers=["CPUExecutionProvider"])
+                sess = cpu_session(str(self.root / seg["file"]), so)
             except Exception as exc:  # onnxruntime raises its own types
                 raise BundleError(f"{self.root / seg['file']}: onnxruntime cannot load it "
                                   f"({str(exc).splitlines()[0]})") from None

@@ -17,6 +17,7 @@ from ..errors import BudgetError, BundleError, EmoEdgeError
 from .layers import MoELayer, _NoStore, _StaleStore, _StaleStoreError
 from .mapped import PAGE, PREPARED_VERSION, cpu_signature, union_block
 from .memory import _mb, _trim, peak_rss, rss_now as rss
+from ..ort_session import cpu_session
 
 
 class PreparedStore:
@@ -139,8 +140,7 @@ class PreparedStore:
                                       f"layer {L.layer} takes ({_mb(need)}: onnxruntime validates the union's "
                                       f"prepacked experts once at load)")
             try:  # (VmHWM is never reset here: /usr/bin/time's peak must stay truthful)
-                sess = self._ort.InferenceSession(str(store / rec["model"]), self._options(arena=False),
-                                                  providers=["CPUExecutionProvider"])
+                sess = cpu_session(str(store / rec["model"]), self._options(arena=False))
             except Exception as exc:  # onnxruntime raises its own types; the store is ours: prepare it again
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise _StaleStore(f"{store / rec['model']}: {msg}") from None
@@ -283,7 +283,7 @@ def prepare(rt, dest: Path, progress=None) -> dict:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"moe{L.index}.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            sess = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+            sess = cpu_session(str(src), so)
         except Exception as exc:  # onnxruntime raises its own types
             raise BundleError(f"layer {L.layer}: onnxruntime cannot prepare the union block "
                               f"({str(exc).splitlines()[0]})") from None

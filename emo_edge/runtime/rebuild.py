@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import BudgetError, BundleError, EmoEdgeError
 from .layers import MoELayer, SwapStats
 from .memory import MB, _mb, _trim, rss_now as rss
+from ..ort_session import cpu_session
 
 
 class RebuildSwap:
@@ -253,7 +254,7 @@ class RebuildSwap:
             so.add_initializer(name, v)
             values.append(v)
         try:
-            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = cpu_session(model.SerializeToString(), so)
         except Exception as exc:
             raise BundleError(f"layer {L.layer}: onnxruntime cannot build the MoE block "
                               f"({str(exc).splitlines()[0]})") from None
