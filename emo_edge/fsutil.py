@@ -53,35 +53,33 @@ def os_reason(exc: OSError) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # what --force may replace
 # ---------------------------------------------------------------------------------------------------------
-def is_bundle(path: str | Path) -> bool:
-    """A real directory holding our manifest.json (schema_version plus emo_edge_version or kind)."""
-    from .bundle import MANIFEST
+def _marker_json(path: str | Path, name: str):
+    """The JSON of `path/name` when `path` is a real directory and `name` a regular file in it (no symlinks),
+    else None: what our outputs carry to say they are ours."""
     from .schema import load_json
 
     p = Path(path)
-    m = p / MANIFEST
-    if p.is_symlink() or not p.is_dir() or m.is_symlink() or not m.is_file():
-        return False
+    f = p / name
+    if p.is_symlink() or not p.is_dir() or f.is_symlink() or not f.is_file():
+        return None
     try:
-        data = load_json(m)
+        return load_json(f)
     except EmoEdgeError:
-        return False
+        return None
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A real directory holding our manifest.json (schema_version plus emo_edge_version or kind)."""
+    from .bundle import MANIFEST
+
+    data = _marker_json(path, MANIFEST)
     return (isinstance(data, dict) and type(data.get("schema_version")) is int
             and (isinstance(data.get("emo_edge_version"), str) or data.get("kind") in ("static", "swappable")))
 
 
 def is_checkpoint(path: str | Path) -> bool:
     """A real directory holding an EMO config.json (what `synth` and `train` write)."""
-    from .schema import load_json
-
-    p = Path(path)
-    c = p / "config.json"
-    if p.is_symlink() or not p.is_dir() or c.is_symlink() or not c.is_file():
-        return False
-    try:
-        data = load_json(c)
-    except EmoEdgeError:
-        return False
+    data = _marker_json(path, "config.json")
     return isinstance(data, dict) and data.get("model_type") == "emo"
 
 
