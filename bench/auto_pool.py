@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emo_edge.data import heldout_texts  # noqa: E402
-from emo_edge.runtime import SwappableRuntime  # noqa: E402
+from emo_edge.engine.swappable import SwappableEngine  # noqa: E402
 
 PROMPTS = ["What is 12 times 7?", "What is 15% of 80?", "Solve for x: 3x + 5 = 20.", "def f(x):",
            "for i in range(10):", "The old house stood at the end of the road.", "Hi! How are you today?"]
 
 
-def prompt_nll(rt: SwappableRuntime, ids: list[int], pool: str) -> float:
+def prompt_nll(rt: SwappableEngine, ids: list[int], pool: str) -> float:
     """Mean negative log-likelihood (nats) of ids[1:] given the prefix, under `pool`."""
     z = rt.logits(ids, pool=pool).astype(np.float64)[:-1]  # (T-1, V)
     z -= z.max(axis=1, keepdims=True)
@@ -43,12 +43,12 @@ def prompt_nll(rt: SwappableRuntime, ids: list[int], pool: str) -> float:
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
-def by_likelihood(rt: SwappableRuntime, ids: list[int]) -> str:
+def by_likelihood(rt: SwappableEngine, ids: list[int]) -> str:
     nll = {name: prompt_nll(rt, ids, name) for name in rt.pools}
     return min(nll, key=nll.get)
 
 
-def picks(rt: SwappableRuntime, ids: list[int]) -> dict[str, str]:
+def picks(rt: SwappableEngine, ids: list[int]) -> dict[str, str]:
     out = {"backbone": rt.choose_pool(ids)[0]}
     for resident in rt.pools:
         rt.use(resident)
@@ -74,7 +74,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("EMO_EDGE_HOME", str(Path(tmp.name) / "home"))
     bundle = Path(a.bundle) if a.bundle else build_bundle(Path(tmp.name) / "bundle")
-    rt = SwappableRuntime(bundle)
+    rt = SwappableEngine(bundle)
     domains = list(rt.pools)
     print(f"bundle {bundle}: pools {', '.join(domains)}")
     print("| prompt tokens | chooser | " + " | ".join(domains) + " | all | history-dependent |")

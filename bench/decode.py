@@ -13,8 +13,8 @@ Each side runs in its own subprocess (`python bench/decode.py _worker ...`) so i
 own: load, prefill `--prompt` tokens, then greedy-decode `--tokens` tokens with the KV cache.
   * reference: `emo_edge.reference.Reference(view, pool)` in fp32, resident weights (the lm_head is pinned
     resident too, so the reference is not charged for re-reading the head from disk each token);
-  * bundle: onnxruntime directly on BUNDLE/model.onnx with the genai-style I/O: input_ids, attention_mask,
-    position_ids (if the graph has it), past_key_values.{i}.key/value -> logits, present.{i}.key/value.
+  * bundle: emo-edge's engine (`emo_edge.engine.open_engine`, what `emo-edge run` uses): one decode session
+    whose KV cache is preallocated and shared between past and present.
 Roofline: bytes of weights (+ KV cache) read per decoded token divided by the memory read bandwidth measured in
 this script (numpy sum over a buffer far larger than the caches, best of several passes); the table shows
 measured decode tokens/s as a fraction of that bound. Bytes per token come from the bundle's plan.json when
@@ -137,67 +137,28 @@ def worker_reference(args) -> dict:
             "peak_rss": peak_rss(), "tokens": out}
 
 
-def _ort_type(t: str):
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32}[t]
-
-
 def worker_bundle(args) -> dict:
-    import onnxruntime as ort
-
+    """The bundle through emo-edge's engine (what `emo-edge run` uses): one decode session, KV preallocated."""
+    from emo_edge.engine import open_engine
     from emo_edge.spec import load_spec
 
     spec = load_spec(args.model)
     t0 = time.perf_counter()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(Path(args.bundle) / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in sess.get_inputs()}
-    past = sorted((n for n in inputs if n.startswith("past_key_values.")),
-                  key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
+    eng = open_engine(args.bundle, threads=args.threads)
     load_s = time.perf_counter() - t0
-
-    def empty_past():
-        out = {}
-        fixed = (1, spec.num_kv_heads, 0, spec.head_dim)
-        for name in past:
-            shape = inputs[name].shape  # [batch, kv_heads, past, head_dim], symbolic dims as strings
-            dims = [d if isinstance(d, int) and i in (1, 3) else fixed[i] for i, d in enumerate(shape)]
-            out[name] = np.zeros(dims, dtype=_ort_type(inputs[name].type))
-        return out
-
-    def feeds(ids: np.ndarray, start: int, kv: dict) -> dict:
-        t = ids.shape[1]
-        f = {"input_ids": ids.astype(_ort_type(inputs["input_ids"].type))}
-        if "attention_mask" in inputs:
-            f["attention_mask"] = np.ones((1, start + t), dtype=_ort_type(inputs["attention_mask"].type))
-        if "position_ids" in inputs:
-            f["position_ids"] = np.arange(start, start + t, dtype=_ort_type(inputs["position_ids"].type))[None]
-        f.update(kv)
-        return f
-
-    out_names = [o.name for o in sess.get_outputs()]
-
-    def step(ids, start, kv):
-        res = dict(zip(out_names, sess.run(None, feeds(ids, start, kv))))
-        kv = {n: res[n.replace("past_key_values.", "present.")] for n in past}
-        return res["logits"], kv
-
-    ids = prompt_ids(spec.vocab_size, args.prompt)
-    t = time.perf_counter()
-    logits, kv = step(ids, 0, empty_past())
-    prefill_s = time.perf_counter() - t
-    nxt = int(np.argmax(logits[0, -1]))
-    out = [nxt]
-    pos = args.prompt
-    t = time.perf_counter()
-    for _ in range(args.tokens - 1):
-        logits, kv = step(np.array([[nxt]], dtype=np.int64), pos, kv)
-        pos += 1
-        nxt = int(np.argmax(logits[0, -1]))
-        out.append(nxt)
-    decode_s = time.perf_counter() - t
+    ids = prompt_ids(spec.vocab_size, args.prompt)[0].tolist()
+    with eng.serving(None if eng.kind == "static" else args.pool):
+        s = eng.session(len(ids) + args.tokens)
+        t = time.perf_counter()
+        logits = s.prefill(ids)
+        prefill_s = time.perf_counter() - t
+        nxt = int(np.argmax(logits[-1]))
+        out = [nxt]
+        t = time.perf_counter()
+        for _ in range(args.tokens - 1):
+            nxt = int(np.argmax(s.feed([nxt])[-1]))
+            out.append(nxt)
+        decode_s = time.perf_counter() - t
     return {"side": "bundle", "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": args.prompt / prefill_s, "decode_tok_s": (args.tokens - 1) / decode_s,
             "peak_rss": peak_rss(), "tokens": out}

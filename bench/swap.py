@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emo_edge.runtime import SwappableRuntime, peak_rss, reset_peak_rss, rss  # noqa: E402
+from emo_edge.engine.memory import peak_rss, reset_peak_rss, rss  # noqa: E402
+from emo_edge.engine.swappable import SwappableEngine  # noqa: E402
 from emo_edge.units import parse_size  # noqa: E402
 
 MiB = 1 << 20
@@ -56,7 +57,7 @@ def disk_bandwidth(paths, nbytes: int = 256 * MiB, chunk: int = 4 * MiB) -> dict
 def _bw_populate(paths, nbytes: int) -> float:
     import mmap
 
-    from emo_edge.runtime.mapped import MADV_POPULATE_READ, madvise
+    from emo_edge.engine.swappable.mapped import MADV_POPULATE_READ, madvise
     drop_cache(paths)
     done, t0 = 0, time.perf_counter()
     for p in paths:
@@ -118,17 +119,17 @@ def static_alternative(static_dir: str, threads: int | None) -> dict:
     code = f"""
 import json, time, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from emo_edge.runtime import rss, peak_rss
+from emo_edge.engine.memory import rss, peak_rss
 import onnxruntime as ort
 so = ort.SessionOptions(); so.log_severity_level = 3
 {'so.intra_op_num_threads = %d' % threads if threads else ''}
 t = time.perf_counter()
 s = ort.InferenceSession({str(Path(static_dir) / 'model.onnx')!r}, so, providers=['CPUExecutionProvider'])
 dt = time.perf_counter() - t
-from emo_edge.bundle import Bundle
-b = Bundle({str(static_dir)!r}, threads={threads!r})
-_, tm = b.generate(list(range(100, 116)), 8, stop_at_eos=False)
-print(json.dumps({{"load_s": dt, "rss": rss(), "peak_rss": peak_rss(), "decode_tok_s": tm["decode_tok_s"]}}))
+from emo_edge.engine import StaticEngine
+b = StaticEngine({str(static_dir)!r}, threads={threads!r})
+tm = b.generate(list(range(100, 116)), max_tokens=8, ignore_eos=True)
+print(json.dumps({{"load_s": dt, "rss": rss(), "peak_rss": peak_rss(), "decode_tok_s": tm.decode_tok_s}}))
 """
     files = [Path(static_dir) / "model.onnx.data"]
     drop_cache(files)
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         return compare(a, argv if argv is not None else sys.argv[1:])
 
     t_open = time.perf_counter()
-    rt = SwappableRuntime(a.bundle, budget=None, threads=a.threads, max_tokens=a.prompt_tokens + a.new_tokens + 8,
+    rt = SwappableEngine(a.bundle, budget=None, threads=a.threads, max_tokens=a.prompt_tokens + a.new_tokens + 8,
                           mechanism=a.mechanism, progress=lambda msg: print("  " + msg, flush=True))
     t_open = time.perf_counter() - t_open
     # the files a swap reads: the per-machine prepared store (mapped mechanism) or the bundle's shards (rebuild)
@@ -199,13 +200,13 @@ def main(argv=None) -> int:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         pool_size = sum(len(x) for x in rt.active)
-        res = rt.generate(prompt, pool=name, max_new_tokens=a.new_tokens, stop_at_eos=False)
+        res = rt.generate(prompt, pool=name, max_tokens=a.new_tokens, ignore_eos=True)
         floor = st.bytes_read / bw
         rows.append({"pool": name, "swap_ms": st.seconds * 1e3, "read_ms": st.read_s * 1e3,
                      "build_ms": st.build_s * 1e3, "MiB_read": st.bytes_read / MiB, "floor_ms": floor * 1e3,
                      "x_floor": st.seconds / floor if floor else float("nan"), "read": st.experts_read,
                      "reused": st.experts_reused, "cached": st.experts_from_cache, "pool_experts": pool_size,
-                     "decode_tok_s": res["decode_tok_s"], "rss_MiB": rss() / MiB, "layers": st.layers_rebuilt,
+                     "decode_tok_s": res.decode_tok_s, "rss_MiB": rss() / MiB, "layers": st.layers_rebuilt,
                      "cpu_ms": cpu * 1e3})
         r = rows[-1]
         print(f"  {name:6s} swap {r['swap_ms']:7.0f} ms (reader done {r['read_ms']:6.0f}, builds {r['build_ms']:6.0f}) "
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         "x_floor_max": float(ratio.max()) if ratio.size else None,
         "MiB_read_per_swap": float(np.mean([r["MiB_read"] for r in swaps])) if swaps else 0.0,
         "reuse_rate": float(reuse), "cpu_ms_median": float(np.median([r["cpu_ms"] for r in swaps])) if swaps else 0.0,
-        "cores": os.cpu_count(), "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in rows])),
+        "cores": os.cpu_count(), "decode_tok_s_median": float(np.median([r.decode_tok_s for r in rows])),
         "peak_rss_MiB_hwm": hwm / MiB, "peak_rss_MiB_sampled": sampler.peak / MiB,
         "under_budget": bool(hwm <= budget and sampler.peak <= budget), "prepack_factor": rt.prepack_factor}
     rt.close()

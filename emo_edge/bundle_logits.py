@@ -6,20 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, pool_matches
-from .errors import BundleError
+from .bundle import pool_matches
+from .errors import BundleError, PoolError
 
 
-def bundle_logits(path: Path, ids: list[int], pool_file: str | None, text: str | None) -> np.ndarray:
-    from .runtime import is_swappable, swappable_logits
+def bundle_logits(path: Path, ids: list[int], pool: str | None, text: str | None) -> np.ndarray:
+    """Logits (S, V) of `ids` (or `text`) from a bundle. Static: `pool` is a pool file that must name the
+    bundle's experts. Swappable: a catalog name or pool file, made resident first (equal to the static bundle
+    of that pool)."""
+    from .engine import open_engine
 
-    if is_swappable(path):  # --pool: a catalog name or a pool file, made resident by the runtime
-        return swappable_logits(path, pool_file, ids, text)
-    b = Bundle(path)
-    if pool_file:
-        pool_matches(b.manifest, pool_file)
-    if text is not None:
-        ids = b.tokenizer.encode(text)
-    if not ids:
-        raise BundleError("no tokens to run")
-    return b.logits(ids)
+    with open_engine(path) as eng:
+        if eng.kind == "swappable":
+            if pool is None:
+                raise PoolError(f"{path} is a swappable bundle: give --pool (one of {', '.join(eng.pools)}, or a "
+                                f"pool JSON file)")
+        elif pool:
+            pool_matches(eng.manifest, pool)
+            pool = None
+        if text is not None:
+            ids = eng.encode(text)
+        if not ids:
+            raise BundleError("no tokens to run")
+        return eng.logits(ids, pool=pool)

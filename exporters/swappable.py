@@ -18,7 +18,7 @@ byte of every tensor is exactly what a static export of any one pool holds), the
 
 Why not expert weights as graph inputs bound with IOBinding: measured on onnxruntime 1.32 CPU, a QMoE whose weights
 are graph inputs takes the non-prepacked path: 6x slower per call and numerically different from the static
-bundle (max diff 6e-3). Only initializers get QMoE's prepacked int8-activation kernels; see emo_edge/runtime/ for
+bundle (max diff 6e-3). Only initializers get QMoE's prepacked int8-activation kernels; see emo_edge/engine/swappable/ for
 how swaps keep them (mapped.py: prepacked weights memory-mapped, a swap moves pages and a routing mask).
 
 The manifest keeps the static fields (source, pools, precision, experts remap of the union) and adds

@@ -1,4 +1,4 @@
-"""The device-side bundle loader: manifest and sha256 checks, pool checks, sampling, onnxruntime-genai."""
+"""The static engine: manifest and sha256 checks, pool checks, sampling, onnxruntime-genai."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_manifest_lists_every_file_with_sha256(bundle_dir):
 
 
 def test_corrupt_or_missing_files_refused(bundle_dir, tmp_path):
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
     from emo_edge.errors import BundleError
     bad = tmp_path / "bad"
     shutil.copytree(bundle_dir, bad)
@@ -42,19 +42,20 @@ def test_corrupt_or_missing_files_refused(bundle_dir, tmp_path):
     data[1000] ^= 0xFF
     (bad / "model.onnx.data").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
-        Bundle(bad)
+        StaticEngine(bad)
     (bad / "model.onnx.data").unlink()
     with pytest.raises(BundleError, match="missing"):
-        Bundle(bad)
+        StaticEngine(bad)
     (bad / "manifest.json").unlink()
     with pytest.raises(BundleError, match="not a bundle"):
-        Bundle(bad)
+        StaticEngine(bad)
 
 
 def test_pool_must_match_bundle(bundle_dir, tmp_path):
-    from emo_edge.bundle import Bundle, pool_matches
+    from emo_edge.bundle import pool_matches
+    from emo_edge.engine import StaticEngine
     from emo_edge.errors import BundleError
-    m = Bundle(bundle_dir).manifest
+    m = StaticEngine(bundle_dir).manifest
     same = tmp_path / "same.json"
     same.write_text(json.dumps({"layers": [r["routed_source_ids"] for r in m["experts"]]}))
     pool_matches(m, same)
@@ -65,14 +66,14 @@ def test_pool_must_match_bundle(bundle_dir, tmp_path):
 
 
 def test_context_limit_and_sampling(bundle_dir):
-    from emo_edge.bundle import Bundle, sample
+    from emo_edge.engine import Sampling, StaticEngine, sample
     from emo_edge.errors import BundleError
-    b = Bundle(bundle_dir)
+    b = StaticEngine(bundle_dir)
     with pytest.raises(BundleError, match="context"):
         b.logits(list(range(CTX + 1)))
-    a, _ = b.generate([5, 6, 7], 6, temperature=0.9, top_p=0.8, seed=3, stop_at_eos=False)
-    c, _ = b.generate([5, 6, 7], 6, temperature=0.9, top_p=0.8, seed=3, stop_at_eos=False)
-    assert a == c
+    s = Sampling(6, temperature=0.9, top_p=0.8, seed=3, ignore_eos=True)
+    a, c = b.generate([5, 6, 7], sampling=s).ids, b.generate([5, 6, 7], sampling=s).ids
+    assert a == c and len(a) == 6
     logits = np.array([0.0, 10.0, 0.0])
     assert sample(logits, 0.0, 1.0, np.random.default_rng(0)) == 1
     assert sample(logits, 1.0, 0.5, np.random.default_rng(0)) == 1  # nucleus keeps only the top token
@@ -80,7 +81,7 @@ def test_context_limit_and_sampling(bundle_dir):
 
 def test_onnxruntime_genai_runs_bundle_unchanged(bundle_dir):
     og = pytest.importorskip("onnxruntime_genai")
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
     ids = [5, 17, 99, 3]
     m = og.Model(str(bundle_dir))
     p = og.GeneratorParams(m)
@@ -90,21 +91,22 @@ def test_onnxruntime_genai_runs_bundle_unchanged(bundle_dir):
     while not g.is_done():
         g.generate_next_token()
     seq = [int(t) for t in g.get_sequence(0)]
-    ours, _ = Bundle(bundle_dir).generate(ids, len(seq) - len(ids), stop_at_eos=False)
+    ours = StaticEngine(bundle_dir).generate(ids, max_tokens=len(seq) - len(ids), ignore_eos=True).ids
     assert seq == ids + ours
 
 
-def test_chunked_prefill_equals_one_shot(bundle_dir, monkeypatch):
-    import emo_edge.bundle as bundle_mod
-    from emo_edge.bundle import Bundle
+def test_chunked_prefill_equals_one_shot(bundle_dir):
+    from emo_edge.engine import Sampling, StaticEngine
 
-    b = Bundle(bundle_dir)
+    b = StaticEngine(bundle_dir)
     prompt = [5, 17, 99, 3, 250, 42, 7, 11, 300, 2]
-    one_shot, _ = b.forward(prompt, b.empty_cache())
-    monkeypatch.setattr(bundle_mod, "PREFILL_CHUNK", 3)
-    chunked, cache = b.prefill(prompt)
-    assert cache[0].shape[2] == len(prompt)
+    one_shot = b.session().feed(prompt)
+    s = b.session()
+    s.prefill_chunk = 3
+    chunked = s.prefill(prompt)
+    assert s.length == len(prompt) and chunked.shape[0] == 1  # the last chunk: one token
     np.testing.assert_allclose(chunked[-1], one_shot[-1], rtol=0, atol=1e-4 * np.abs(one_shot).max())
-    gen_chunked = b.generate(prompt, 8, stop_at_eos=False)[0]
-    monkeypatch.setattr(bundle_mod, "PREFILL_CHUNK", 256)
-    assert gen_chunked == b.generate(prompt, 8, stop_at_eos=False)[0]
+    b.prefill_chunk = 3
+    gen_chunked = b.generate(prompt, sampling=Sampling(8, ignore_eos=True)).ids
+    b.prefill_chunk = 256
+    assert gen_chunked == b.generate(prompt, sampling=Sampling(8, ignore_eos=True)).ids

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from emo_edge.bundle import Bundle, check_files, pool_matches, read_manifest
+from emo_edge.bundle import check_files, pool_matches, read_manifest
+from emo_edge.engine import StaticEngine
 from emo_edge.errors import BundleError, PoolError
 from emo_edge.export.pipeline import export
-from emo_edge.runtime import SwappableRuntime, mapped
+from emo_edge.engine.swappable import SwappableEngine, mapped
 from emo_edge.synth import PRESETS, synthesize
 from exporters.swappable import export_swappable
 
@@ -128,7 +129,7 @@ def test_genai_decoder_filename_unlisted_refused(world, tmp_path):
     (b / "genai_config.json").write_text(json.dumps(g))
     edit_manifest(b, lambda m: None)
     with pytest.raises(BundleError, match=r"decoder.filename.*'other.onnx' is not listed"):
-        Bundle(b)
+        StaticEngine(b)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -153,7 +154,7 @@ def test_swappable_paths_outside_refused(world, tmp_path, field, value):
     edit_manifest(b, change)
     want = f"field 'swappable.{field}'"
     with pytest.raises(BundleError, match="outside") as e:
-        SwappableRuntime(b, mechanism="rebuild")
+        SwappableEngine(b, mechanism="rebuild")
     assert want in str(e.value)
 
 
@@ -181,7 +182,7 @@ def test_static_file_dropped_from_files_refused(world, tmp_path, name):
     b = copy(world, "static", tmp_path)
     edit_manifest(b, lambda m: m["files"].pop(name))
     with pytest.raises(BundleError, match=f"'{name}' is not listed"):
-        Bundle(b).tokenizer
+        StaticEngine(b).tokenizer
 
 
 @pytest.mark.parametrize("name", ["seg1.onnx", "backbone.data", "routers.bin", "moe0.onnx", "experts.l1.bin",
@@ -190,7 +191,7 @@ def test_swappable_file_dropped_from_files_refused(world, tmp_path, name):
     b = copy(world, "swap", tmp_path)
     edit_manifest(b, lambda m: m["files"].pop(name))
     with pytest.raises(BundleError, match=f"'{name}' is not listed"):
-        SwappableRuntime(b, mechanism="rebuild").tokenizer
+        SwappableEngine(b, mechanism="rebuild").tokenizer
 
 
 def test_overlapping_record_refused(world, tmp_path):
@@ -215,7 +216,7 @@ def test_inconsistent_shard_layout_refused(world, tmp_path, change, match):
     b = copy(world, "swap", tmp_path)
     edit_manifest(b, lambda m: change(m["swappable"]["moe"][1]))
     with pytest.raises(BundleError, match=match):
-        SwappableRuntime(b, mechanism="rebuild")
+        SwappableEngine(b, mechanism="rebuild")
 
 
 @pytest.mark.parametrize("mechanism", ["rebuild", "mapped"])
@@ -231,9 +232,9 @@ def test_nonzero_shard_padding_refused(world, tmp_path, monkeypatch, mechanism):
     edit_manifest(b, lambda m: None)  # the whole-file sha256 re-hashed: only the zero check can stop it
     if mechanism == "mapped":  # the store is prepared from the shards at open
         with pytest.raises(BundleError, match=f"padding after expert {rec['source_id']} of layer 0 is not zero"):
-            SwappableRuntime(b, mechanism="mapped")
+            SwappableEngine(b, mechanism="mapped")
         return
-    rt = SwappableRuntime(b, mechanism="rebuild")
+    rt = SwappableEngine(b, mechanism="rebuild")
     with pytest.raises(BundleError, match=f"padding after expert {rec['source_id']} of layer 0 is not zero.*"
                                           "no pool loaded yet"):
         rt.use("digits" if rec["source_id"] in rt.pools["digits"][0] else "letters")
@@ -254,14 +255,14 @@ def test_symlink_out_of_bundle_refused(world, tmp_path, name):
         assert name in line and "outside" in line
     else:
         with pytest.raises(BundleError, match=f"{name}.*resolves outside"):
-            Bundle(b)
+            StaticEngine(b)
 
 
 def test_symlink_inside_bundle_accepted(world, tmp_path):
     b = copy(world, "static", tmp_path)
     shutil.move(b / "tokenizer.json", b / "tok-real.json")
     os.symlink("tok-real.json", b / "tokenizer.json")
-    assert Bundle(b).tokenizer.encode("12")
+    assert StaticEngine(b).tokenizer.encode("12")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def test_swappable_manifest_field_refused(world, tmp_path, change, field):
     b = copy(world, "swap", tmp_path)
     edit_manifest(b, change, rehash=False)
     with pytest.raises(BundleError) as e:
-        SwappableRuntime(b, mechanism="rebuild")
+        SwappableEngine(b, mechanism="rebuild")
     msg = str(e.value)
     assert "manifest.json: field '" in msg and "\n" not in msg
     assert msg.split("field '")[1].split("'")[0].replace("[", ".").replace("]", "").startswith(field), msg
@@ -308,7 +309,7 @@ def test_genai_config_field_refused(world, tmp_path, key, value):
     (b / "genai_config.json").write_text(json.dumps(g))
     edit_manifest(b, lambda m: None)
     with pytest.raises(BundleError, match=rf"genai_config.json: field 'model.{key}'"):
-        Bundle(b)
+        StaticEngine(b)
 
 
 def test_genai_dims_disagree_with_graph_refused(world, tmp_path):
@@ -318,7 +319,7 @@ def test_genai_dims_disagree_with_graph_refused(world, tmp_path):
     (b / "genai_config.json").write_text(json.dumps(g))
     edit_manifest(b, lambda m: None)
     with pytest.raises(BundleError, match="num_hidden_layers.*graph"):
-        Bundle(b)
+        StaticEngine(b)
 
 
 def test_deep_and_huge_manifest_refused(world, tmp_path):
@@ -344,7 +345,7 @@ def test_pool_file_given_with_bundle_refused(world, tmp_path, content, field):
         assert "pool.json" in line and field in line
     with pytest.raises(BundleError, match=rf"pool.json.*{re.escape(field)}"):
         pool_matches(read_manifest(world["static"]), pool)
-    rt = SwappableRuntime(world["swap"], mechanism="rebuild")
+    rt = SwappableEngine(world["swap"], mechanism="rebuild")
     with pytest.raises(PoolError, match="pool.json"):
         rt.use(str(pool))
     rt.close()
@@ -354,7 +355,7 @@ def test_manifest_model_dims_without_genai_config(world, tmp_path):
     """Newer swappable bundles carry the decoder dims in the manifest (`swappable.model`) and no
     genai_config.json; older ones (the fixture, if it has genai_config.json) load from the file."""
     b = copy(world, "swap", tmp_path)
-    ref = SwappableRuntime(world["swap"], mechanism="rebuild")
+    ref = SwappableEngine(world["swap"], mechanism="rebuild")
     want = ref.logits(IDS, pool="digits")
     ref.close()
     dims = json.loads((world["static"] / "genai_config.json").read_text())["model"]
@@ -364,12 +365,12 @@ def test_manifest_model_dims_without_genai_config(world, tmp_path):
         m["files"].pop("genai_config.json", None)
     (b / "genai_config.json").unlink(missing_ok=True)
     edit_manifest(b, change)
-    rt = SwappableRuntime(b, mechanism="rebuild")
+    rt = SwappableEngine(b, mechanism="rebuild")
     assert np.array_equal(rt.logits(IDS, pool="digits"), want)
     rt.close()
     edit_manifest(b, lambda m: m["swappable"]["model"].update(vocab_size=float("nan")), rehash=False)
     with pytest.raises(BundleError, match="manifest.json"):
-        SwappableRuntime(b, mechanism="rebuild")
+        SwappableEngine(b, mechanism="rebuild")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,7 +418,7 @@ def test_corrupted_prepared_store_is_prepared_again(world, tmp_path, monkeypatch
     """The store is ours: whatever is wrong with it, `chat` prepares it again (notice) and serves; exit 0."""
     home = tmp_path / "home"
     monkeypatch.setenv("EMO_EDGE_HOME", str(home))
-    SwappableRuntime(world["swap"], mechanism="mapped").close()
+    SwappableEngine(world["swap"], mechanism="mapped").close()
     store = mapped.store_dir(world["swap"])
     assert (store / "prepared.json").is_file()
     damage(store)
@@ -427,14 +428,14 @@ def test_corrupted_prepared_store_is_prepared_again(world, tmp_path, monkeypatch
         assert "preparing again" in r.stderr and "Traceback" not in r.stderr
     else:
         said = []
-        rt = SwappableRuntime(world["swap"], mechanism="mapped", progress=said.append)
+        rt = SwappableEngine(world["swap"], mechanism="mapped", progress=said.append)
         assert any("preparing again" in m for m in said), said
-        ref = SwappableRuntime(world["swap"], mechanism="rebuild")
+        ref = SwappableEngine(world["swap"], mechanism="rebuild")
         assert np.array_equal(rt.logits(IDS, pool="letters"), ref.logits(IDS, pool="letters"))
         ref.close()
         rt.close()
     said = []  # and the store is whole again: the next open prepares nothing
-    rt = SwappableRuntime(world["swap"], mechanism="mapped", progress=said.append)
+    rt = SwappableEngine(world["swap"], mechanism="mapped", progress=said.append)
     assert rt.mechanism == "mapped" and not said
     rt.close()
 
@@ -444,7 +445,7 @@ def test_store_corrupted_while_serving_is_prepared_again_once(world, tmp_path, m
     succeeds; a second corruption in the same runtime is an error that says what keeps serving."""
     monkeypatch.setenv("EMO_EDGE_HOME", str(tmp_path / "home"))
     said = []
-    rt = SwappableRuntime(world["swap"], mechanism="mapped", progress=said.append)
+    rt = SwappableEngine(world["swap"], mechanism="mapped", progress=said.append)
     rt.use("digits")
     digits = rt.logits(IDS)
 
@@ -459,7 +460,7 @@ def test_store_corrupted_while_serving_is_prepared_again_once(world, tmp_path, m
     rt.use("letters")
     assert any("corrupted" in s and "preparing again" in s for s in said), said
     letters = rt.logits(IDS)
-    fresh = SwappableRuntime(world["swap"], mechanism="rebuild")
+    fresh = SwappableEngine(world["swap"], mechanism="rebuild")
     assert np.array_equal(letters, fresh.logits(IDS, pool="letters"))
     fresh.close()
     rt.use("digits")
@@ -488,7 +489,7 @@ def test_deleted_shard_refused_cli(world, tmp_path):
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_shard_gone_while_serving(world, tmp_path, how):
     b = copy(world, "swap", tmp_path)
-    rt = SwappableRuntime(b, mechanism="rebuild")
+    rt = SwappableEngine(b, mechanism="rebuild")
     rt.use("digits")
     before = rt.logits(IDS)
     shard = b / rt.layers[0].meta["shard"]

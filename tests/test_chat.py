@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from emo_edge.commands.chat import COMMANDS, help_text
-from emo_edge.runtime import SwappableRuntime
+from emo_edge.engine.swappable import SwappableEngine
 from emo_edge.tokenizer import CHAT, EOS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def bundle(tmp_path_factory):
     return out
 
 
-def greedy_reply(rt: SwappableRuntime, text: str, pool: str, n: int) -> str:
+def greedy_reply(rt: SwappableEngine, text: str, pool: str, n: int) -> str:
     """Independent: full forward per step under `pool`, until EOS, a stop string or n tokens."""
     ids = rt.tokenizer.encode(text)
     seq = list(ids)
@@ -65,7 +65,7 @@ def test_conversation_keeps_history_in_the_chat_format(bundle):
     assert EOS not in r.stdout and "Traceback" not in r.stderr
     answers = r.stdout.split("> ")
     assert answers[0] == "" and len(answers) == 4 and answers[-1] == ""  # a prompt before each read
-    rt = SwappableRuntime(bundle)
+    rt = SwappableEngine(bundle)
     a1 = greedy_reply(rt, CHAT.render([(m1, None)]), "chat", 24)
     a2 = greedy_reply(rt, CHAT.render([(m1, a1), (m2, None)]), "chat", 24)
     assert answers[1].strip() == a1 and answers[2].strip() == a2

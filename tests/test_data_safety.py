@@ -281,7 +281,7 @@ def test_every_force_user_replaces_only_its_own_kind(tmp_path):
     assert run_cli("synth", str(ck), "--preset", "tiny", "--seed", "2", "--force").returncode == 0
     assert (ck / "model.safetensors").read_bytes() != first and scratch_siblings(tmp_path) == []
     # the prepared store (runtime): a directory of what mapped.prepare() writes, nothing else
-    from emo_edge.runtime import mapped
+    from emo_edge.engine.swappable import mapped
 
     ours = fsutil.dir_of(mapped.STORE_FILES)  # what the runtime passes
     store = tmp_path / "store"

@@ -34,7 +34,7 @@ def _export(ckpt, pool, out, precision="fp32", verify=True):
 
 @pytest.mark.parametrize("name", FP32_VARIANTS)
 def test_fp32_bundle_matches_reference(variant, tmp_path, name):
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
     from emo_edge.bundle_logits import bundle_logits
     from emo_edge.checkpoint import CheckpointView
     from emo_edge.commands.logits import checkpoint_logits
@@ -53,7 +53,7 @@ def test_fp32_bundle_matches_reference(variant, tmp_path, name):
     assert np.abs(ref - got).max() <= 1e-3 * (ref.max() - ref.min())
     view = CheckpointView(ckpt)
     want = Reference(view, pool=read_pool_file(pool, view.spec)).generate(ids[:5], 32)
-    have, _ = Bundle(out).generate(ids[:5], 32, stop_at_eos=False)
+    have = StaticEngine(out).generate(ids[:5], max_tokens=32, ignore_eos=True).ids
     assert have == want
     m = json.loads((out / "manifest.json").read_text())
     assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
@@ -71,14 +71,15 @@ def test_rope_dynamic_refused_past_original_length(variant, tmp_path):
 
 @pytest.mark.parametrize("precision,name", [("int4", "shared1"), ("int8", "always_active"), ("int4", "topk_norm")])
 def test_quantized_bundle_runs_and_reports_parity(variant, tmp_path, precision, name):
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
     ckpt = variant(name)
     out = tmp_path / "q"
     report = _export(ckpt, "all", out, precision, verify=False)
     from emo_edge.export.pipeline import _verify, planning
     assert report["plan"]["precision"]["experts"] == precision
-    b = Bundle(out)
-    toks, speed = b.generate([5, 17, 99], 8, stop_at_eos=False)
+    b = StaticEngine(out)
+    done = b.generate([5, 17, 99], max_tokens=8, ignore_eos=True)
+    toks, speed = done.ids, done.timings()
     assert len(toks) == 8 and speed["decode_tok_s"] > 0
     onnx_text = (out / "model.onnx").read_bytes()
     assert b"QMoE" in onnx_text and b"MatMulNBits" in onnx_text

@@ -7,7 +7,7 @@
 - the stats line on stderr never glues onto the text when both streams share one pipe;
 - `--pool auto` picks the same pool for the same prompt whatever is resident, and the held-out documents'
   own domain (accuracy measured against their labels).
-Expected outputs come from an independent greedy loop over `Bundle.logits` (full recompute, no KV cache)."""
+Expected outputs come from an independent greedy loop over `StaticEngine.logits` (full recompute, no KV cache)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emo_edge.bundle import Bundle, decode_loop
+from emo_edge.engine import Sampling, StaticEngine
+from emo_edge.engine.sampler import run_generation
 from emo_edge.data import heldout_texts
 from emo_edge.errors import BundleError
-from emo_edge.runtime import SwappableRuntime
+from emo_edge.engine.swappable import SwappableEngine
 from emo_edge.tokenizer import EOS, TextStream, TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +38,14 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 def bundles(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
     static, swap = d / "static", d / "swap"
-    for out, extra in ((static, ["--pools", "math"]),
+    for out, extra in ((static, ["--pools", "math", "--precision", "fp32"]),
                        (swap, ["--pools", "math,code,prose,chat", "--swappable", "--precision", "int4"])):
         r = cli("export", *extra, "--context", str(CTX), "--no-verify", "--out", str(out))
         assert r.returncode == 0, r.stderr
     return {"static": static, "swap": swap}
 
 
-def greedy(b: Bundle, ids: list[int], n: int) -> tuple[list[int], bool]:
+def greedy(b: StaticEngine, ids: list[int], n: int) -> tuple[list[int], bool]:
     """Independent greedy continuation: full forward each step; stops before EOS. Returns (new ids, hit EOS)."""
     seq = list(ids)
     while len(seq) - len(ids) < n and len(seq) < b.context:
@@ -64,16 +65,16 @@ def test_long_prompt_refused_before_printing(bundles):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
     assert f"{n} tokens" in r.stderr and f"({CTX} tokens)" in r.stderr
-    rt = SwappableRuntime(bundles["swap"])
+    rt = SwappableEngine(bundles["swap"])
     with pytest.raises(BundleError, match=f"the prompt is {n} tokens"):
-        rt.generate(prompt, pool="math", max_new_tokens=4)
+        rt.generate(prompt, pool="math", max_tokens=4)
     with pytest.raises(BundleError, match=f"the prompt is {n} tokens"):
-        rt.generate(prompt, pool="auto", max_new_tokens=4)
+        rt.generate(prompt, pool="auto", max_tokens=4)
     rt.close()
 
 
 def test_context_full_stops_with_notice(bundles):
-    b = Bundle(bundles["static"])
+    b = StaticEngine(bundles["static"])
     text = heldout_texts("math")[0]
     ids = b.tokenizer.encode(text)[:CTX - 10]
     prompt = b.tokenizer.decode(ids)
@@ -84,20 +85,20 @@ def test_context_full_stops_with_notice(bundles):
     assert f"stopped: context full at {CTX} tokens" in r.stderr
     assert r.stdout == prompt + b.tokenizer.decode(want) + "\n"
     assert len(want) == 10
-    rt = SwappableRuntime(bundles["swap"])
-    res = rt.generate(ids, pool="math", max_new_tokens=40, stop_at_eos=False)
-    assert res["stop"] == "context" and res["total_tokens"] == CTX and len(res["ids"]) == 10
-    res = rt.generate(ids, pool="math", max_new_tokens=3, stop_at_eos=False)
-    assert res["stop"] == "length" and len(res["ids"]) == 3
+    rt = SwappableEngine(bundles["swap"])
+    res = rt.generate(ids, pool="math", max_tokens=40, ignore_eos=True)
+    assert res.stop == "context" and res.total_tokens == CTX and len(res.ids) == 10
+    res = rt.generate(ids, pool="math", max_tokens=3, ignore_eos=True)
+    assert res.stop == "length" and len(res.ids) == 3
     rt.close()
 
 
 def test_eos_ends_generation_and_is_never_printed(bundles):
-    b = Bundle(bundles["static"])
+    b = StaticEngine(bundles["static"])
     found = None
     for doc in sorted(heldout_texts("chat"), key=len)[:8]:  # a dialogue cut before its last line
         ids = b.tokenizer.encode(doc[:doc.rindex("\n")])
-        if b.generate(ids, CTX)[1]["stop"] == "eos":
+        if b.generate(ids, max_tokens=CTX).stop == "eos":
             found = ids
             break
     assert found, "no held-out prompt whose greedy continuation ends with EOS"
@@ -111,8 +112,8 @@ def test_eos_ends_generation_and_is_never_printed(bundles):
     text = prompt + b.tokenizer.decode(want)
     assert r.stdout == text + ("" if text.endswith("\n") else "\n")
     assert f"decode: {max(len(want) - 1, 0)} tokens" in r.stderr
-    got, t = b.generate(ids, CTX)
-    assert got == want and t["stop"] == "eos"
+    got = b.generate(ids, max_tokens=CTX)
+    assert got.ids == want and got.stop == "eos"
 
 
 def test_stats_line_never_glues_onto_text(bundles):
@@ -126,29 +127,43 @@ def test_stats_line_never_glues_onto_text(bundles):
     assert r.stdout.startswith("Compute 12 * 7.")
 
 
-def test_decode_loop_stops():
-    """EOS is neither returned nor passed on; a true on_token cancels; room bounds the tokens."""
-    eos, script = 0, [5, 6, 7, 0, 9]
+class ScriptedSession:
+    """A decode session whose logits follow a script: step i puts all mass on script[i]; holds `room` tokens
+    after the prompt."""
 
-    def logits_for(i):
+    def __init__(self, script, room):
+        self.script, self.room, self.step = script, room, 0
+
+    def _logits(self):
         z = np.zeros((1, 10))
-        z[0, script[i]] = 1.0
+        z[0, self.script[self.step]] = 1.0
         return z
 
-    def forward(ids, cache):
-        return logits_for(cache + 1), cache + 1
+    def prefill(self, ids):
+        return self._logits()
+
+    def feed(self, ids):
+        assert self.room > 0, "fed past the session's capacity"
+        self.step, self.room = self.step + 1, self.room - 1
+        return self._logits()
+
+
+def test_decode_loop_stops():
+    """EOS is neither returned nor passed on; a true on_token cancels; the session's room bounds the tokens."""
+    eos, script = 0, [5, 6, 7, 0, 9]
+
+    def run(n, room=10, on_token=None, eos=eos):
+        c = run_generation(ScriptedSession(script, room), [1], Sampling(n), eos, on_token)
+        return c.ids, c.stop
 
     seen: list[int] = []
-    out, stop = decode_loop(forward, logits_for(0), 0, 10, 0.0, 1.0, np.random.default_rng(0), eos, seen.append)
-    assert (out, stop, seen) == ([5, 6, 7], "eos", [5, 6, 7])
-    out, stop = decode_loop(forward, logits_for(0), 0, 10, 0.0, 1.0, np.random.default_rng(0), eos,
-                            lambda t: t == 6)
-    assert (out, stop) == ([5, 6], "cancelled")
-    assert decode_loop(forward, logits_for(0), 0, 10, 0.0, 1.0, np.random.default_rng(0), eos, room=2) == \
-        ([5, 6], "context")
-    assert decode_loop(forward, logits_for(0), 0, 2, 0.0, 1.0, np.random.default_rng(0), eos, room=2) == \
-        ([5, 6], "length")
-    assert decode_loop(forward, logits_for(0), 0, 5, 0.0, 1.0, np.random.default_rng(0), None) == (script, "length")
+    assert run(10, on_token=seen.append) == ([5, 6, 7], "eos") and seen == [5, 6, 7]
+    assert run(10, on_token=lambda t: t == 6) == ([5, 6], "cancelled")
+    assert run(10, room=2) == ([5, 6], "context")
+    assert run(2, room=2) == ([5, 6], "length")
+    assert run(5, eos=None) == (script, "length")
+    c = run_generation(ScriptedSession(script, 10), [1], Sampling(5, ignore_eos=True), eos)
+    assert c.ids == script and c.stop == "length"
 
 
 def test_text_stream_holds_back_stop_strings(bundles):
@@ -172,7 +187,7 @@ PROMPTS = ["def f(x):", "The old house stood at the end of the road.", "What is 
 
 
 def test_auto_pool_same_whatever_came_before(bundles):
-    rt = SwappableRuntime(bundles["swap"])
+    rt = SwappableEngine(bundles["swap"])
     alone = {p: rt.choose_pool(rt.tokenizer.encode(p)) for p in PROMPTS}  # no pool loaded at all yet
     assert rt.active_name is None
     for resident in rt.pools:
@@ -180,16 +195,16 @@ def test_auto_pool_same_whatever_came_before(bundles):
         for p in PROMPTS:
             assert rt.choose_pool(rt.tokenizer.encode(p)) == alone[p], (resident, p)
     # the issue's sequence: a code prompt first, then a prose prompt, through generate
-    first = rt.generate("def f(x):", pool="auto", max_new_tokens=2)
-    then = rt.generate(PROMPTS[1], pool="auto", max_new_tokens=2)
-    assert first["pool"] == alone["def f(x):"][0] == "code"
-    assert then["pool"] == alone[PROMPTS[1]][0] and "independent of the resident pool" in then["reason"]
+    first = rt.generate("def f(x):", pool="auto", max_tokens=2)
+    then = rt.generate(PROMPTS[1], pool="auto", max_tokens=2)
+    assert first.pool == alone["def f(x):"][0] == "code"
+    assert then.pool == alone[PROMPTS[1]][0] and "independent of the resident pool" in then.reason
     rt.close()
 
 
 def test_auto_pool_accuracy_on_heldout(bundles):
     """The chooser against the held-out documents' domain labels: first 16 tokens of 8 documents per domain."""
-    rt = SwappableRuntime(bundles["swap"])
+    rt = SwappableEngine(bundles["swap"])
     hits = {}
     for dom in rt.pools:
         docs = heldout_texts(dom)[:8]

@@ -108,11 +108,11 @@ def test_optimum_generates_same_greedy_tokens_as_emo_edge(bundles, tmp_path, pre
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
     b = bundles[precision]
     model = ORTModelForCausalLM.from_pretrained(str(b))  # no file_name, no config edits: the bundle as written
     tok = AutoTokenizer.from_pretrained(str(b))
-    ours = Bundle(b)
+    ours = StaticEngine(b)
     for n, text in enumerate(PROMPTS):
         enc = tok(text, return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
@@ -122,7 +122,7 @@ def test_optimum_generates_same_greedy_tokens_as_emo_edge(bundles, tmp_path, pre
         theirs = out[len(ids):]
         if theirs and theirs[-1] == ours.eos:  # transformers keeps the EOS it stopped at; emo-edge drops it
             theirs = theirs[:-1]
-        want, _ = ours.generate(ids, 16)
+        want = ours.generate(ids, max_tokens=16).ids
         assert len(want) >= 8, want  # a real continuation, not an immediate EOS
         assert theirs == want
         # teacher-forced: optimum's logits over prompt + continuation equal `emo-edge logits BUNDLE`
@@ -166,17 +166,17 @@ def test_swappable_has_no_genai_config_and_reports_its_path(variant, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["path"] == str(out) and report["name"] == "swap"
     assert "union-static" not in (out / "report.md").read_text()
-    from emo_edge.runtime import SwappableRuntime
-    rt = SwappableRuntime(out, budget=None)
+    from emo_edge.engine.swappable import SwappableEngine
+    rt = SwappableEngine(out, budget=None)
     assert (rt.n_layers, rt.context, rt.vocab_size) == (spec.num_layers, 64, spec.vocab_size)
 
 
 def test_onnxruntime_genai_loads_static_bundle_with_config_json(bundles):
     """config.json beside genai_config.json does not disturb onnxruntime-genai (same greedy tokens)."""
     og = pytest.importorskip("onnxruntime_genai")
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
     b = bundles["fp32"]
-    ids = Bundle(b).tokenizer.encode(PROMPTS[0])
+    ids = StaticEngine(b).tokenizer.encode(PROMPTS[0])
     m = og.Model(str(b))
     p = og.GeneratorParams(m)
     p.set_search_options(max_length=len(ids) + 8, do_sample=False)
@@ -185,5 +185,5 @@ def test_onnxruntime_genai_loads_static_bundle_with_config_json(bundles):
     while not g.is_done():
         g.generate_next_token()
     seq = [int(t) for t in g.get_sequence(0)]
-    ours, _ = Bundle(b).generate(ids, len(seq) - len(ids), stop_at_eos=False)
+    ours = StaticEngine(b).generate(ids, max_tokens=len(seq) - len(ids), ignore_eos=True).ids
     assert seq == ids + ours

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emo_edge.bundle import Bundle
+from emo_edge.bundle_logits import bundle_logits
+from emo_edge.engine import StaticEngine
 from emo_edge.errors import BudgetError, BundleError, PoolError
 from emo_edge.export.pipeline import export
-from emo_edge.runtime import SwappableRuntime, mapped, swappable_logits
+from emo_edge.engine.swappable import SwappableEngine, mapped
 from emo_edge.synth import PRESETS, digits_doc, letters_doc, synthesize
 from exporters.swappable import export_swappable
 
@@ -60,8 +61,8 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("prec,mechanism", [("int4", "mapped"), ("int4", "rebuild"), ("fp32", "auto")])
 def test_logits_equal_static_after_any_swaps(world, prec, mechanism):
     d = world["dir"]
-    static = {n: Bundle(d / f"static-{n}-{prec}").logits(IDS) for n in world["pools"]}
-    rt = SwappableRuntime(d / f"swap-{prec}", mechanism=mechanism)
+    static = {n: StaticEngine(d / f"static-{n}-{prec}").logits(IDS) for n in world["pools"]}
+    rt = SwappableEngine(d / f"swap-{prec}", mechanism=mechanism)
     assert rt.mechanism == {"int4": mechanism, "fp32": "rebuild"}[prec]
     seq = ["digits", "letters", "mixed", "digits", "digits", "mixed", "letters", "digits"]
     reads = []
@@ -78,11 +79,11 @@ def test_logits_equal_static_after_any_swaps(world, prec, mechanism):
 
 def test_swappable_logits_hook_and_pool_file(world):
     d = world["dir"]
-    want = Bundle(d / "static-letters-int4").logits(IDS)
-    assert np.array_equal(swappable_logits(d / "swap-int4", "letters", IDS), want)
-    assert np.array_equal(swappable_logits(d / "swap-int4", str(world["pools"]["letters"]), IDS), want)
+    want = StaticEngine(d / "static-letters-int4").logits(IDS)
+    assert np.array_equal(bundle_logits(d / "swap-int4", IDS, "letters", None), want)
+    assert np.array_equal(bundle_logits(d / "swap-int4", IDS, str(world["pools"]["letters"]), None), want)
     with pytest.raises(PoolError, match="give --pool"):
-        swappable_logits(d / "swap-int4", None, IDS)
+        bundle_logits(d / "swap-int4", IDS, None, None)
 
 
 def test_cli_logits_swappable_equals_static(world, tmp_path):
@@ -130,15 +131,15 @@ def _corrupt_copy(world, tmp_path) -> Path:
 def test_corrupted_shard_refused_and_runtime_keeps_serving(world, tmp_path):
     """Rebuild mechanism (per-pool sessions read from the shards): the swap is refused, the old pool serves."""
     bad, layer, expert = _corrupt_copy(world, tmp_path)
-    rt = SwappableRuntime(bad, mechanism="rebuild")
+    rt = SwappableEngine(bad, mechanism="rebuild")
     rt.use("digits")
     before = rt.logits(IDS)
     with pytest.raises(BundleError, match=rf"expert {expert} of layer {layer} fails its sha256"):
         rt.use("letters")
     assert rt.active_name == "digits"
     assert np.array_equal(rt.logits(IDS), before)
-    out = rt.generate(IDS, pool=None, max_new_tokens=3)
-    assert out["pool"] == "digits" and len(out["ids"]) == 3
+    out = rt.generate(IDS, pool=None, max_tokens=3)
+    assert out.pool == "digits" and len(out.ids) == 3
     rt.close()
 
 
@@ -148,7 +149,7 @@ def test_corrupted_shard_refused_when_preparing(world, tmp_path, monkeypatch):
     bad, layer, expert = _corrupt_copy(world, tmp_path)
     monkeypatch.setenv("EMO_EDGE_HOME", str(tmp_path / "home"))
     with pytest.raises(BundleError, match=rf"expert {expert} of layer {layer} fails its sha256"):
-        SwappableRuntime(bad, mechanism="mapped")
+        SwappableEngine(bad, mechanism="mapped")
     store = mapped.store_dir(bad)
     assert not store.exists() and not (store.parent.exists() and any(store.parent.iterdir()))
 
@@ -171,7 +172,7 @@ def test_mapped_store_corruption_refused_and_residency(world, tmp_path, monkeypa
     notice) and the swap then succeeds with the right logits."""
     monkeypatch.setenv("EMO_EDGE_HOME", str(tmp_path / "home"))
     said = []
-    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped", progress=said.append)
+    rt = SwappableEngine(world["dir"] / "swap-int4", mechanism="mapped", progress=said.append)
     assert rt.mechanism == "mapped"
     L = rt.layers[1]
     ml = L.mapped
@@ -203,7 +204,7 @@ def test_mapped_store_corruption_refused_and_residency(world, tmp_path, monkeypa
     rt.use("letters")
     assert any(f"expert {victim} of layer {L.layer} fails its sha256" in m and "preparing again" in m for m in said)
     assert rt.active_name == "letters"
-    assert np.array_equal(rt.logits(IDS), Bundle(world["dir"] / "static-letters-int4").logits(IDS))
+    assert np.array_equal(rt.logits(IDS), StaticEngine(world["dir"] / "static-letters-int4").logits(IDS))
     assert np.array_equal(rt.logits(IDS, pool="digits"), before)
     rt.close()
 
@@ -228,11 +229,11 @@ def test_cli_errors_exit_2(world, tmp_path):
 
 def test_budget_below_backbone_plus_pool(world):
     with pytest.raises(BudgetError, match="below"):
-        SwappableRuntime(world["dir"] / "swap-int4", budget="60MB")
+        SwappableEngine(world["dir"] / "swap-int4", budget="60MB")
 
 
 def test_foreign_pool_and_bundle(world, tmp_path):
-    rt = SwappableRuntime(world["dir"] / "swap-int4")
+    rt = SwappableEngine(world["dir"] / "swap-int4")
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps({"layers": [[0, 1, 2]] * 5}))
     with pytest.raises(PoolError, match="layers"):
@@ -240,31 +241,31 @@ def test_foreign_pool_and_bundle(world, tmp_path):
     rt.close()
     # a static bundle is not swappable; a segment from another bundle fails its checksum
     with pytest.raises(BundleError, match="not a swappable bundle"):
-        SwappableRuntime(world["dir"] / "static-digits-int4")
+        SwappableEngine(world["dir"] / "static-digits-int4")
     mix = tmp_path / "mix"
     shutil.copytree(world["dir"] / "swap-int4", mix)
     shutil.copyfile(world["dir"] / "swap-fp32" / "backbone.data", mix / "backbone.data")
     with pytest.raises(BundleError, match="backbone.data"):
-        SwappableRuntime(mix)
+        SwappableEngine(mix)
 
 
 def test_auto_picks_planted_pool(world):
-    rt = SwappableRuntime(world["dir"] / "swap-int4")
+    rt = SwappableEngine(world["dir"] / "swap-int4")
     rng = random.Random(3)
     for dom, make in (("digits", digits_doc), ("letters", letters_doc)):
         for _ in range(2):
-            res = rt.generate(rt.tokenizer.encode(make(rng))[:60], pool="auto", max_new_tokens=2)
-            assert res["pool"] == dom, res["reason"]
-            assert "coverage" in res["reason"]
-    res = rt.generate(rt.tokenizer.encode(digits_doc(rng))[:60], pool="doc", max_new_tokens=2)
-    assert res["pool"] == "ad-hoc" and "top-N" in res["reason"]
+            res = rt.generate(rt.tokenizer.encode(make(rng))[:60], pool="auto", max_tokens=2)
+            assert res.pool == dom, res.reason
+            assert "coverage" in res.reason
+    res = rt.generate(rt.tokenizer.encode(digits_doc(rng))[:60], pool="doc", max_tokens=2)
+    assert res.pool == "ad-hoc" and "top-N" in res.reason
     rt.close()
 
 
 def test_concurrent_requests_never_see_half_swapped_pool(world):
     d = world["dir"]
-    static = {n: Bundle(d / f"static-{n}-int4").logits(IDS) for n in ("digits", "letters", "mixed")}
-    rt = SwappableRuntime(d / "swap-int4")
+    static = {n: StaticEngine(d / f"static-{n}-int4").logits(IDS) for n in ("digits", "letters", "mixed")}
+    rt = SwappableEngine(d / "swap-int4")
     errors = []
 
     def worker(k):
@@ -291,20 +292,20 @@ def test_unwritable_store_falls_back_to_rebuild(world, tmp_path, monkeypatch):
     blocker.write_text("x")
     monkeypatch.setenv("EMO_EDGE_HOME", str(blocker))
     said = []
-    rt = SwappableRuntime(world["dir"] / "swap-int4", progress=said.append)
+    rt = SwappableEngine(world["dir"] / "swap-int4", progress=said.append)
     assert rt.mechanism == "rebuild" and any("rebuilding sessions instead" in s for s in said)
-    assert np.array_equal(rt.logits(IDS, pool="digits"), Bundle(world["dir"] / "static-digits-int4").logits(IDS))
+    assert np.array_equal(rt.logits(IDS, pool="digits"), StaticEngine(world["dir"] / "static-digits-int4").logits(IDS))
     rt.close()
     with pytest.raises(BundleError, match="cannot write the prepared store"):
-        SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped")
+        SwappableEngine(world["dir"] / "swap-int4", mechanism="mapped")
 
 
 def test_mapped_budget_evicts_lru_and_refuses_what_cannot_fit(world, tmp_path, monkeypatch):
     """The eviction policy under a budget that fits one pool but not two, with RSS modelled exactly as
     backbone + resident expert pages (so the check does not depend on allocator noise at this tiny size)."""
-    import emo_edge.runtime as runtime
+    import emo_edge.engine.memory as runtime
 
-    rt = SwappableRuntime(world["dir"] / "swap-int4", mechanism="mapped", max_tokens=16)
+    rt = SwappableEngine(world["dir"] / "swap-int4", mechanism="mapped", max_tokens=16)
     base = 100 * 2**20
 
     def modelled_rss():
@@ -319,7 +320,7 @@ def test_mapped_budget_evicts_lru_and_refuses_what_cannot_fit(world, tmp_path, m
     reserve = rt.kv_bytes() + rt.activation_bytes()
     rt.budget = base + reserve + max(sizes.values()) + 1
     assert rt.budget < base + reserve + sizes["digits"] + sizes["letters"]  # one pool fits, two do not
-    static = {n: Bundle(world["dir"] / f"static-{n}-int4").logits(IDS) for n in sizes}
+    static = {n: StaticEngine(world["dir"] / f"static-{n}-int4").logits(IDS) for n in sizes}
     for name in ("digits", "letters", "mixed", "letters", "digits"):
         rt.use(name)
         assert modelled_rss() + reserve <= rt.budget

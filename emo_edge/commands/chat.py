@@ -1,5 +1,5 @@
-"""`emo-edge chat BUNDLE --budget 2GB [--pool auto|doc|NAME] [--prompt TEXT]`: a conversation with a swappable
-bundle, expert pools swapped from disk under a memory budget. Without --prompt, reads messages at a "> " prompt
+"""`emo-edge chat BUNDLE --budget 2GB [--pool auto|doc|NAME] [--prompt TEXT]`: a conversation with a bundle (a
+swappable one swaps expert pools from disk under a memory budget; a static one has its one pool). Without --prompt, reads messages at a "> " prompt
 (stdin); lines starting with '/' are commands (COMMANDS). The conversation is rendered with the model's chat
 format (`tokenizer.CHAT`) and kept within the context, oldest turns dropped first (with a notice). Ctrl-C while
 an answer is written cancels that answer; Ctrl-C at the prompt or Ctrl-D ends the chat. Errors inside the loop (a
@@ -34,6 +34,10 @@ def help_text() -> str:
 
 
 def _stats_line(rt) -> str:
+    if rt.kind != "swappable":
+        st = rt.stats()
+        return (f"pool {rt.resident_pool()}: {st['resident_experts']} experts (static bundle); RSS "
+                f"{fmt_bytes(st['rss'])}, peak {fmt_bytes(st['peak_rss'])}")
     r = rt.resident()
     budget = "none" if r["budget"] is None else f"{fmt_bytes(r['budget'])}"
     return (f"pool {r['active_pool']}: {r['active_experts']} experts ({fmt_bytes(r['active_bytes'])}) active, "
@@ -90,8 +94,9 @@ def _answer(rt, conv: Conversation, message: str, state: dict, opts: dict) -> No
     cancel = threading.Event()
     old = signal.signal(signal.SIGINT, lambda *_: cancel.set()) if opts["interactive"] else None
     try:
-        res = rt.generate(ids, pool=state["pool"], on_token=lambda t: stream.push(t) or cancel.is_set(),
-                          choose_on=rt.tokenizer.encode(message), **opts["gen"])
+        res = rt.generate(ids, pool=state["pool"], sampling=opts["gen"],
+                          on_token=lambda t: stream.push(t) or cancel.is_set(),
+                          choose_on=rt.tokenizer.encode(message)).to_dict()
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
@@ -178,7 +183,7 @@ def _loop(rt, conv: Conversation, state: dict, opts: dict) -> None:
 
 
 def register(cli: click.Group) -> None:
-    @cli.command("chat", help="Chat with a swappable bundle, swapping expert pools from disk within a memory "
+    @cli.command("chat", help="Chat with a bundle; a swappable one swaps expert pools from disk within a memory "
                               "budget.\n\n\b\nCommands at the \"> \" prompt:\n" + help_text())
     @click.argument("bundle")
     @click.option("--budget", default=None, help="Process memory budget (RSS), e.g. 2GB.")
@@ -196,24 +201,29 @@ def register(cli: click.Group) -> None:
     def chat_cmd(bundle, budget, pool, prompt, max_new_tokens, max_tokens, temperature, top_p, seed, threads):
         import sys
 
+        from ..engine import Sampling, open_engine
         from ..errors import BundleError
-        from ..runtime import SwappableRuntime
 
-        rt = SwappableRuntime(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
-                              progress=lambda msg: click.echo(msg, err=True))
+        rt = open_engine(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
+                         progress=lambda msg: click.echo(msg, err=True))
         try:
             if max_new_tokens >= rt.token_limit:
                 raise BundleError(f"--max-new-tokens {max_new_tokens}: must be below the context ({rt.token_limit}"
                                   f" tokens{'' if rt.token_limit == rt.context else ', --max-tokens'}), which must "
                                   f"also hold the conversation")
-            click.echo(f"loaded {bundle} ({rt.mechanism} swaps): pools {', '.join(rt.pools)}; backbone RSS "
-                       f"{fmt_bytes(rt.backbone_rss)}"
-                       + (f", budget {fmt_bytes(rt.budget)} (one pool needs "
-                          f"{fmt_bytes(rt.required_bytes()['total'])})" if rt.budget else ""), err=True)
+            if rt.kind == "swappable":
+                click.echo(f"loaded {bundle} ({rt.mechanism} swaps): pools {', '.join(rt.pools)}; backbone RSS "
+                           f"{fmt_bytes(rt.backbone_rss)}"
+                           + (f", budget {fmt_bytes(rt.budget)} (one pool needs "
+                              f"{fmt_bytes(rt.required_bytes()['total'])})" if rt.budget else ""), err=True)
+            else:
+                note = "; --budget applies to swappable bundles only" if budget else ""
+                click.echo(f"loaded {bundle} (static bundle of pool {rt.pool_name}; RSS "
+                           f"{fmt_bytes(rt.stats()['rss'])}{note})", err=True)
             conv = Conversation(rt.tokenizer, rt.token_limit, max_new_tokens)
             state = {"pool": pool}
             opts = {"interactive": prompt is None,
-                    "gen": dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)}
+                    "gen": Sampling(max_new_tokens, temperature, top_p, seed)}
             if prompt is not None:
                 _answer(rt, conv, prompt, state, opts)
                 click.echo(_stats_line(rt), err=True)

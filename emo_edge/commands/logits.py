@@ -87,7 +87,7 @@ def register(cli: click.Group) -> None:
         path = resolve_model(model)
         if (path / "manifest.json").is_file():
             from ..bundle_logits import bundle_logits  # device side: no torch
-            from ..runtime import is_swappable
+            from ..engine import is_swappable
 
             if pool and not is_swappable(path):
                 pool = static_bundle_pool(path, pool)

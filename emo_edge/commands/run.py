@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from ..errors import BundleError
+
 from .options import NEW_TOKENS, SEED, TEMPERATURE, THREADS, TOP_P
 
 
@@ -19,15 +21,20 @@ def register(cli: click.Group) -> None:
     @click.option("--threads", default=None, type=THREADS, help="onnxruntime intra-op threads (0 = its default).")
     def run_cmd(bundle, prompt, max_new_tokens, temperature, top_p, seed, threads):
         """Generate text from an exported bundle."""
-        from ..bundle import Bundle, check_prompt
+        from ..engine import Sampling, check_prompt, open_engine
         from ..tokenizer import TextStream
 
-        b = Bundle(bundle, threads=threads)
-        ids = b.tokenizer.encode(prompt)
-        check_prompt(len(ids), b.context, "the bundle's context")  # before anything is printed
-        stream = TextStream(b.tokenizer, lambda s: click.echo(s, nl=False))
-        click.echo(prompt, nl=False)
-        _, t = b.generate(ids, max_new_tokens, temperature, top_p, seed, on_token=stream.push)
+        with open_engine(bundle, threads=threads) as eng:
+            if eng.kind != "static":
+                raise BundleError(f"{bundle}: a swappable bundle; chat with it (`emo-edge chat {bundle} --budget "
+                                  f"...`) or serve it (`emo-edge serve {bundle}`)")
+            ids = eng.encode(prompt)
+            check_prompt(len(ids), eng.token_limit, eng.limit_text)  # before anything is printed
+            stream = TextStream(eng.tokenizer, lambda s: click.echo(s, nl=False))
+            click.echo(prompt, nl=False)
+            done = eng.generate(ids, sampling=Sampling(max_new_tokens, temperature, top_p, seed),
+                                on_token=stream.push)
+            t = done.timings()
         end_text(prompt + stream.finish())
         if t["stop"] == "context":
             click.echo(f"stopped: context full at {t['total_tokens']} tokens (the bundle's context length)", err=True)

@@ -1,5 +1,5 @@
 """`emo-edge serve BUNDLE [--budget 2GB] [--host 127.0.0.1] [--port 8080] [--api-key KEY]`: an OpenAI-compatible
-local server over a swappable bundle, the expert pool chosen per request (emo_edge/serve/). Needs the `serve`
+local server over a bundle (a swappable one gets the expert pool chosen per request; emo_edge/serve/). Needs the `serve`
 extra (starlette, uvicorn, prometheus_client)."""
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def _imports():
 
 
 def register(cli: click.Group) -> None:
-    @cli.command("serve", help="Serve a swappable bundle over an OpenAI-compatible HTTP API (chat page at /), the "
-                               "expert pool chosen per request: body field \"pool\", model \"BUNDLE:POOL\", or auto "
-                               "from the prompt.")
+    @cli.command("serve", help="Serve a bundle over an OpenAI-compatible HTTP API (chat page at /). A swappable "
+                               "bundle gets the expert pool chosen per request: body field \"pool\", model "
+                               "\"BUNDLE:POOL\", or auto from the prompt; a static one serves its one pool.")
     @click.argument("bundle")
     @click.option("--budget", default=None, help=BUDGET_HELP)
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -79,19 +79,16 @@ def register(cli: click.Group) -> None:
         from pathlib import Path
 
         from ..errors import BundleError, EmoEdgeError
-        from ..runtime import is_swappable
         from ..units import parse_size
 
         if not Path(bundle, "manifest.json").is_file():
             raise BundleError(f"{bundle}: not a bundle (no manifest.json)")
-        if not is_swappable(bundle):
-            raise BundleError(f"{bundle}: serve needs a swappable bundle (export it with --swappable)")
         if api_key is not None and not api_key.strip():
             raise EmoEdgeError("--api-key: empty")
         budget_bytes = parse_size(budget, "--budget") if budget is not None else None
         uvicorn = _imports()
         from ..serve.app import ServerState, create_app
-        from ..serve.engine_adapter import RuntimeEngine
+        from ..engine import open_engine
 
         sock = _bind(host, port)
         server_box = []
@@ -100,8 +97,8 @@ def register(cli: click.Group) -> None:
             if server_box:
                 server_box[0].should_exit = True
 
-        state = ServerState(lambda: RuntimeEngine(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
-                                                  progress=lambda msg: click.echo(msg, err=True)),
+        state = ServerState(lambda: open_engine(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
+                                                progress=lambda msg: click.echo(msg, err=True)),
                             api_key, aging, not no_pool_grouping, budget_bytes, on_load_error=stop_on_error,
                             on_ready=_ready_line)
         server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", access_log=False))

@@ -46,7 +46,10 @@ def genai_config(spec: EmoSpec, context: int) -> dict:
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1,
+                   # GroupQueryAttention (head size % 16 == 0; else the exporter's Concat attention) writes into
+                   # its past buffer: genai then keeps one KV buffer of max_length (measured: same tokens on CPU)
+                   "past_present_share_buffer": spec.head_dim % 16 == 0, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..engine import Sampling, StaticEngine
 HELDOUT = Path(__file__).resolve().parents[1] / "data" / "heldout"
 
 SMALL_MODEL_PARAMS = 100_000_000  # emo-tiny has 4.9M; the 14B-width slices start at ~1B
@@ -104,7 +104,7 @@ def verify(bundle_dir: Path, reference, tokenize, quantized: bool, thresholds: d
     sample = verify_sample(parameters, quantized, n_seq)
     length = sample["length"] if length is None else length
     greedy_tokens = sample["greedy_tokens"] if greedy_tokens is None else greedy_tokens
-    b = Bundle(bundle_dir, threads=threads, verify_files=False)
+    b = StaticEngine(bundle_dir, threads=threads, verify_files=False)
     seqs = heldout_sequences(tokenize, b.vocab_size, sample["sequences"],
                              min(length, b.context - greedy_tokens - 1))
     sample.update(sequences=len(seqs), length=length, greedy_tokens=greedy_tokens)
@@ -128,7 +128,8 @@ def verify(bundle_dir: Path, reference, tokenize, quantized: bool, thresholds: d
 
         prompt = seqs[0][:8]
         ref_gen = reference.generate(prompt, greedy_tokens, on_token=tick)
-        got_gen, speed = b.generate(prompt, greedy_tokens, stop_at_eos=False, on_token=tick)
+        got = b.generate(prompt, sampling=Sampling(greedy_tokens, ignore_eos=True), on_token=tick)
+        got_gen, speed = got.ids, got.timings()
     finally:
         bar.close()
     res["greedy_identical"] = ref_gen == got_gen

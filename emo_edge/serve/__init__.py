@@ -2,7 +2,7 @@
 
 ```
  HTTP (app.py, Starlette) ──validate (openai_schema.py), build job (generation.py)──▶ Scheduler (scheduler.py)
-   one worker thread owning the Engine (engine_adapter.py) ──use(pool), generate──▶ events ──▶ JSON / SSE
+   one worker thread owning the engine (emo_edge.engine) ──use(pool), generate──▶ events ──▶ JSON / SSE
  /metrics (metrics.py, Prometheus text)     / (static/index.html, the chat page)
 ```
 """

@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..errors import EmoEdgeError
-from .engine_adapter import Engine
+from ..engine import Engine
 from .generation import Pending, make_job
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openai_schema import ApiError, ChatRequest, CompletionRequest, finish_reason, new_id, now, parse_body, usage

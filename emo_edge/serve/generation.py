@@ -1,7 +1,7 @@
 """One completion request, from its validated body to the events the HTTP layer sends: the pool it asks for, the
 prompt ids, the checks against the context, and a `Job` whose worker-thread callbacks feed an asyncio queue.
 
-Events on `Pending.events`: ("start", {"pool", "swapped", "swap_ms"}), ("text", str) ..., then ("done", (Generated,
+Events on `Pending.events`: ("start", {"pool", "swapped", "swap_ms"}), ("text", str) ..., then ("done", (Completion,
 hit_stop_string)) or ("error", exception)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass
 
 from ..tokenizer import CHAT, TextStream
-from .engine_adapter import Engine, Sampling
+from ..engine import Engine, Sampling
 from .openai_schema import ApiError, ChatRequest, Common
 from .scheduler import Job
 

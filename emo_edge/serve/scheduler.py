@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import EmoEdgeError
-from .engine_adapter import Engine, Generated, Sampling
+from ..engine import Completion, Engine, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,14 @@ class QueueFull(EmoEdgeError):
 class Job:
     """One generation request. `pool` None = auto (chosen by the engine from `choose_on`, default `ids`).
     Callbacks run on the worker thread: `on_start(pool, swapped, swap_ms)`, `on_token(id) -> stop?`,
-    `on_done(Generated)`, `on_error(exc)`; exactly one of on_done / on_error is called."""
+    `on_done(Completion)`, `on_error(exc)`; exactly one of on_done / on_error is called."""
 
     ids: list[int]
     pool: str | None
     sampling: Sampling
     on_start: Callable[[str, bool, float], None] = lambda *a: None
     on_token: Callable[[int], bool] = lambda t: False
-    on_done: Callable[[Generated], None] = lambda g: None
+    on_done: Callable[[Completion], None] = lambda g: None
     on_error: Callable[[BaseException], None] = lambda e: None
     choose_on: list[int] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -162,7 +162,8 @@ class Scheduler:
     def _run(self, job: Job) -> None:
         try:
             swapped = job.pool != self.engine.resident_pool()
-            swap_ms = self.engine.use(job.pool) if swapped else 0.0
+            st = self.engine.use(job.pool) if swapped else None
+            swap_ms = 0.0 if st is None or st.noop else st.seconds * 1e3
             if swapped and self.observer:
                 self.observer.on_swap(swap_ms)
             job.on_start(job.pool, swapped, swap_ms)

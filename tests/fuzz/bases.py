@@ -99,7 +99,7 @@ def build(base: Path, rebuild: bool = False) -> Path:
          "--out", str(base / "static"), env=home)
     _cli("export", "--model", str(ck), "--pools", f"{full},{half}", "--precision", "int4", "--no-verify",
          "--swappable", "--out", str(base / "swap"), env=home)
-    r = subprocess.run([sys.executable, "-c", "import sys; from emo_edge.runtime import SwappableRuntime as S; "
+    r = subprocess.run([sys.executable, "-c", "import sys; from emo_edge.engine import SwappableEngine as S; "
                         "S(sys.argv[1]).close()", str(base / "swap")], capture_output=True, text=True,
                        env={**os.environ, **home}, cwd=str(ROOT))
     shutil.rmtree(base / "home" / "pools", ignore_errors=True)  # only the prepared store belongs to this base

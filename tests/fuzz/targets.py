@@ -1,7 +1,7 @@
 """The fuzz targets: for each loader of hostile input, the base it mutates, how, and how it is loaded.
 
 Each target's `run(inp, env)` runs in the worker on one materialised input directory; it raises or returns.
-Loaders are called through their public entry points (CheckpointView, Bundle, SwappableRuntime, load_spec,
+Loaders are called through their public entry points (CheckpointView, Bundle, SwappableEngine, load_spec,
 read_header, ...) so that the harness keeps working while their insides change. End-to-end targets also use
 what they loaded (every tensor read; one forward; one pool swap) and call `env.probe()` while it is alive.
 
@@ -182,17 +182,17 @@ def load_embedded(inp: Path, env) -> None:
 
 
 def load_bundle(inp: Path, env) -> None:
-    from emo_edge.bundle import Bundle
+    from emo_edge.engine import StaticEngine
 
-    b = Bundle(inp, threads=1)
+    b = StaticEngine(inp, threads=1)
     b.logits(IDS)
     env.probe()
 
 
 def load_swappable(inp: Path, env) -> None:
-    from emo_edge.runtime import SwappableRuntime
+    from emo_edge.engine.swappable import SwappableEngine
 
-    rt = SwappableRuntime(inp, threads=1)
+    rt = SwappableEngine(inp, threads=1)
     try:
         names = sorted(rt.pools)
         if names:
@@ -231,13 +231,13 @@ TARGET_LIST = [
            genai_cases, load_bundle, e2e=True, weight=2, probes=True),
     Target("bundle", "static", "static bundle, any file mutated, sometimes re-hashed (Bundle + forward)",
            whole(True), load_bundle, e2e=True, weight=3, probes=True),
-    Target("manifest_swappable", "swap", "manifest.json of a swappable bundle (SwappableRuntime + swap + forward)",
+    Target("manifest_swappable", "swap", "manifest.json of a swappable bundle (SwappableEngine + swap + forward)",
            only("manifest.json", True), load_swappable, e2e=True, home=True, weight=0.25, probes=True),
-    Target("prepared_json", "swap", "prepared.json of the prepared store (SwappableRuntime + swap + forward)",
+    Target("prepared_json", "swap", "prepared.json of the prepared store (SwappableEngine + swap + forward)",
            prepared_json_cases, load_swappable, e2e=True, home=True, weight=0.15, probes=True),
-    Target("prepared_store", "swap", "any prepared-store file mutated (SwappableRuntime + swap + forward)",
+    Target("prepared_store", "swap", "any prepared-store file mutated (SwappableEngine + swap + forward)",
            prepared_cases, load_swappable, e2e=True, home=True, weight=0.1, probes=True),
-    Target("swappable", "swap", "swappable bundle, any file mutated, sometimes re-hashed (SwappableRuntime)",
+    Target("swappable", "swap", "swappable bundle, any file mutated, sometimes re-hashed (SwappableEngine)",
            whole(True), load_swappable, e2e=True, home=True, weight=0.3, probes=True),
 ]
 TARGETS = {t.name: t for t in TARGET_LIST}

@@ -234,7 +234,7 @@ def setup(work: Path) -> None:
     _wrap_onnxruntime()
     # import what the loaders import lazily, so that the first case does not count the imports' opens
     import emo_edge.bundle, emo_edge.checkpoint, emo_edge.pools.catalog, emo_edge.pools.calib  # noqa: E401,F401
-    import emo_edge.runtime, emo_edge.runtime.mapped, emo_edge.spec, emo_edge.tokenizer, onnx, targets  # noqa
+    import emo_edge.engine, emo_edge.engine.swappable.mapped, emo_edge.spec, emo_edge.tokenizer, onnx, targets  # noqa
     import tokenizers  # noqa: F401
     _first_session()
 

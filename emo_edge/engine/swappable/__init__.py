@@ -1,9 +1,9 @@
-"""Runtime for swappable bundles: a resident backbone plus a budgeted, swappable set of experts.
+"""The swappable engine: a resident backbone plus a budgeted, swappable set of experts.
 
-    rt = SwappableRuntime("bundles/x-swappable", budget="2GB")
-    rt.use("code")                       # reads only experts not resident; evicts LRU experts outside the pool
-    out = rt.generate("def f(x):", pool="auto", max_new_tokens=32)   # picks the catalog pool by router mass
-    rt.logits([5, 17, 99], pool="math")  # equals the static bundle of `math` (bit for bit)
+    eng = SwappableEngine("bundles/x-swappable", budget="2GB")   # or emo_edge.engine.open_engine(...)
+    eng.use("code")                       # reads only experts not resident; evicts LRU experts outside the pool
+    out = eng.generate("def f(x):", pool="auto", max_tokens=32)   # picks the catalog pool by router mass
+    eng.logits([5, 17, 99], pool="math")  # equals the static bundle of `math` (bit for bit)
 
 Two mechanisms, chosen by measurement (onnxruntime 1.32 CPU, emo-14b width, bench/swap.py):
   * QMoE weights bound as graph inputs (IOBinding/OrtValues) run the non-prepacked path: 6x slower per call and
@@ -22,7 +22,8 @@ Two mechanisms, chosen by measurement (onnxruntime 1.32 CPU, emo-14b width, benc
   * Either way a failing expert aborts the swap before anything is switched ("no request runs on a half-swapped
     pool"; the old pool keeps serving), and process RSS (VmRSS, mapped pages included) is projected against the
     budget before anything is loaded; evicted experts leave RSS at once.
-  * Threads: a readers-writer lock: `generate`/`logits` hold it shared for the whole request, `use` exclusively.
+  * Threads: a readers-writer lock: `serving(pool)` (generate, logits) holds it shared for the whole request,
+    `use` exclusively.
 """
 
 from __future__ import annotations
@@ -37,39 +38,42 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BudgetError, BundleError, PoolError
+from ...errors import BudgetError, BundleError, PoolError
 from . import mapped
 from .budget import Budget
 from .chooser import Chooser
-from .generate import Generation
 from .layers import MANIFEST, MoELayer, SwapStats, _bundle_pool_error, _CorruptStore, _NoStore
 from .mapped_swap import MappedSwap
-from .memory import GLOBAL_THREADS, MB, _mb, _trim, peak_rss, reset_peak_rss, rss
+from ..base import Engine
+from ..memory import GLOBAL_THREADS, MB, _mb, _trim, peak_rss, rss
+from ..session import kv_dtype, shares_kv
 from .prepared import PreparedStore
 from .rebuild import RebuildSwap
 from .rwlock import RWLock
-from ..ort_session import cpu_session
+from .serving import Serving
+from ...ort_session import cpu_session
 
-__all__ = ["GLOBAL_THREADS", "MANIFEST", "MB", "MoELayer", "RWLock", "SwapStats", "SwappableRuntime",
-           "is_swappable", "mapped", "peak_rss", "reset_peak_rss", "rss", "swappable_logits"]
+__all__ = ["MoELayer", "SwapStats", "SwappableEngine", "is_swappable"]
 
 
-class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, Generation):
+class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, Serving, Engine):
     """A swappable bundle under a memory budget. Thread-safe. Its parts, one module each: prepared.py (the
     mapped mechanism's store), mapped_swap.py and rebuild.py (the two swap mechanisms), budget.py, chooser.py
-    (pool choice), generate.py (forward pass and generation); this class opens the bundle, resolves pools and
-    runs `use` under the lock."""
+    (pool choice), serving.py (its graphs bound to a decode session, and residency); generation and logits are
+    the engine's (base.py); this class opens the bundle, resolves pools and runs `use` under the lock."""
+
+    kind = "swappable"
 
     PREPACK_FACTOR = 1.25  # QMoE prepacked copy / raw bytes, until measured
 
     def __init__(self, root: str | Path, budget: str | int | None = None, threads: int | None = None,
-                 max_tokens: int = 512, prefill_chunk: int = 64, check_backbone: bool = True,
+                 max_tokens: int | None = 512, prefill_chunk: int = 64, check_backbone: bool = True,
                  cache_experts: bool = True, mechanism: str | None = None, progress: Callable | None = None):
         import onnxruntime as ort
 
-        from ..bundle import check_files, read_manifest
-        from ..bundle_schema import check_swappable, read_model_dims
-        from ..units import parse_size
+        from ...bundle import check_files, read_manifest
+        from ...bundle_schema import check_swappable, read_model_dims
+        from ...units import parse_size
 
         self.root = Path(root)
         self.manifest = read_manifest(self.root)  # validated: bundle_schema.Manifest
@@ -90,7 +94,9 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
         self.budget = parse_size(budget, "--budget") if budget is not None else None
         self.budget_text = str(budget)
         self.threads = threads
-        self.max_tokens = max_tokens
+        self.max_tokens = 512 if max_tokens is None else max_tokens
+        self.token_limit = min(self.context, self.max_tokens)  # one sequence's KV reserve
+        self.name = self.root.resolve().name
         self.prefill_chunk = prefill_chunk
         self.cache_experts = cache_experts
         self.identity = (self.manifest.get("source") or {}).get("identity")
@@ -102,6 +108,8 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
                 raise BudgetError(f"--budget {budget} ({_mb(self.budget)}) is below the backbone alone "
                                   f"({_mb(need)} with the runtime)")
         self.segments = self._open_segments(cfg)  # the backbone: one session per segment, built once
+        self.kv_dtype = kv_dtype([s for s, _, _ in self.segments], f"{self.root / MANIFEST}: the backbone segments")
+        self.kv_shared = shares_kv(self.head_dim)
         _trim()
         self.layers: list[MoELayer] = self._open_layers()  # routers resident, experts on demand
         self.pools: dict[str, list] = {name: layers for name, layers in sw["pools"].items()}
@@ -132,6 +140,10 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
         self.backbone_rss = rss()
         self.startup_peak = max(self.startup_peak, peak_rss())
         self._check_budget_fits()
+        union = [tuple(L.ids) for L in self.layers]  # every exported expert resident
+        self.memory = {"budget": self.budget, "backbone_rss": self.backbone_rss,
+                       "required_one_pool": self.required_bytes()["total"],
+                       "required_all_pools": self.required_bytes(union)["total"]}
 
     def _serving(self) -> str:
         """What keeps serving after a refused swap, for its message."""
@@ -139,7 +151,7 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
 
     def _open_segments(self, cfg: dict) -> list:
         """One session per backbone segment, checked against the manifest's dataflow and decoder dims."""
-        from ..bundle_schema import MANIFEST as _M, check_dataflow, check_decoder_inputs
+        from ...bundle_schema import MANIFEST as _M, check_dataflow, check_decoder_inputs
 
         sw = self.sw
         segments = []
@@ -162,7 +174,7 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
         """Per MoE layer: its router (resident), its template (checked) and its expert shard, opened."""
         import onnx
 
-        from ..bundle_schema import MANIFEST as _M, check_template
+        from ...bundle_schema import MANIFEST as _M, check_template
 
         sw = self.sw
         where = f"{self.root / _M}: field 'swappable"
@@ -205,8 +217,8 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
             if pool in self.pools:
                 layers, name = self.pools[pool], pool
             elif Path(pool).is_file():
-                from ..bundle_schema import PoolFile
-                from ..schema import load_json, validate
+                from ...bundle_schema import PoolFile
+                from ...schema import load_json, validate
 
                 layers = validate(load_json(pool, PoolError), PoolFile, pool, PoolError).layers
                 name = Path(pool).stem
@@ -271,6 +283,11 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
         return self._swap_rebuild(st, t0, name, target)
 
     # ---- facts ---------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        r = self.resident()
+        return {"resident_experts": r["active_experts"] + r["cached_experts"], "active_experts": r["active_experts"],
+                "rss": r["rss"], "peak_rss": r["peak_rss"], "budget": r["budget"]}
+
     def resident(self) -> dict:
         if self.mechanism == "mapped":
             act = {(m, L.pos[s]) for m, L in enumerate(self.layers) for s in L.active}
@@ -300,30 +317,11 @@ class SwappableRuntime(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, 
         _trim()
 
 
-
 def is_swappable(path: str | Path) -> bool:
-    from ..schema import load_json
+    from ...schema import load_json
 
     try:
         m = load_json(Path(path) / MANIFEST, BundleError)
     except BundleError:  # the loader that runs next says what is wrong with it
         return False
     return isinstance(m, dict) and m.get("kind") == "swappable"
-
-
-def swappable_logits(bundle: str | Path, pool: str | None, ids: list[int], text: str | None = None,
-                     budget: str | None = None) -> np.ndarray:
-    """Hook for `emo-edge logits BUNDLE --pool P --ids ...` on a swappable bundle: the logits under pool P
-    (catalog name or pool JSON file), equal to the static bundle of P."""
-    rt = SwappableRuntime(bundle, budget=budget)
-    try:
-        if pool is None:
-            raise PoolError(f"{bundle} is a swappable bundle: give --pool (one of {', '.join(rt.pools)}, or a pool "
-                            f"JSON file)")
-        if text is not None:
-            ids = rt.tokenizer.encode(text)
-        if not ids:
-            raise BundleError("no tokens to run")
-        return rt.logits(ids, pool=pool)
-    finally:
-        rt.close()

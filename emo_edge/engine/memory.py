@@ -73,10 +73,8 @@ def _trim() -> None:
 
 
 def rss_now() -> int:
-    """Process RSS as `emo_edge.runtime.rss` reads it, looked up there at each call: that one function is where
-    the budget code reads RSS (a test models RSS exactly by replacing it)."""
-    from . import rss
-
+    """Process RSS, `rss` looked up in this module at each call: that one function is where the budget code reads
+    RSS (a test models RSS exactly by replacing `emo_edge.engine.memory.rss`)."""
     return rss()
 
 

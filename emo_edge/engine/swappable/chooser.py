@@ -3,16 +3,17 @@ backbone (independent of the resident pool), and the catalog pool (or ad-hoc top
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
 
-from ..bundle import decoder_feed
-from ..errors import PoolError
+from ..session import DecodeSession
+from ...errors import PoolError
 
 
 class Chooser:
-    """SwappableRuntime's pool chooser.
+    """SwappableEngine's pool chooser.
 
     Uses the runtime's segments, layers, pools, resolve() and (probe "active") the forward pass and lock."""
 
@@ -28,17 +29,12 @@ class Chooser:
         if probe not in ("backbone", "active"):
             raise PoolError(f"router probe '{probe}': expected backbone or active")
         zs: list[list[np.ndarray]] = [[] for _ in self.layers]
-        cache = self.empty_cache()
-        if probe == "active":
-            self._acquire_pool(None)
-        try:
-            for a in range(0, len(ids), self.prefill_chunk):
-                chunk = ids[a:a + self.prefill_chunk]
-                cache = (self._probe_forward(chunk, cache, zs) if probe == "backbone"
-                         else self._active_probe(chunk, cache, zs))
-        finally:
-            if probe == "active":
-                self._lock.release_read()
+        routed = probe == "active"
+        session = DecodeSession(lambda kv: self._bind(kv, zs, routed=routed), self.n_layers, self.kv_heads,
+                                self.head_dim, max(len(ids), 1), self.vocab_size, self.kv_dtype, self.prefill_chunk,
+                                self.kv_shared)
+        with (self.serving(None) if routed else contextlib.nullcontext()):
+            session.prefill(ids)
         out = []
         for parts in zs:
             z = np.concatenate(parts).astype(np.float64)  # (T, r_union)
@@ -46,33 +42,13 @@ class Chooser:
             out.append(p / p.sum(axis=1, keepdims=True))
         return out
 
-    def _active_probe(self, ids, cache, zs):
-        probe: list = []
-        _, cache = self._forward(ids, cache, probe)
-        for m, z in enumerate(probe):
-            zs[m].append(z)
-        return cache
-
-    def _probe_forward(self, ids, cache, zs) -> list[np.ndarray]:
-        """One chunk through the backbone segments, routed experts left out; appends each MoE layer's router
-        logits (T, r_union) to zs[m]. Returns the new KV cache."""
-        env = decoder_feed(ids, cache, self.context, self.vocab_size, self.n_layers)
-        for s, (sess, ins, outs) in enumerate(self.segments):
-            env.update(zip(outs, sess.run(outs, {k: env[k] for k in ins})))
-            if s < len(self.layers):
-                L = self.layers[s]
-                x = env[L.meta["x"]]
-                zs[s].append(x.reshape(-1, x.shape[-1]) @ L.router)
-                env[L.meta["y"]] = np.zeros_like(x)  # the routed experts' block adds nothing
-        return [env[f"present.{i}.{kv}"] for i in range(self.n_layers) for kv in ("key", "value")]
-
     def choose_pool(self, ids: Sequence[int], mode: str = "auto", probe: str = "backbone") -> tuple[object, str, dict]:
         """mode 'auto': the catalog pool with the highest router-mass coverage of the prompt (mean over MoE
         layers of the mean over tokens of the probability mass its experts get); 'doc': per layer the top-N
         experts of the prompt's router mass (N = the largest catalog pool's size in that layer, what the budget
         was checked for). Routers are probed independently of the resident pool (`router_mass`), so the same
         prompt gets the same pool whatever came before. Returns (pool name or per-layer lists, reason, scores)."""
-        from ..bundle import check_prompt
+        from ..sampler import check_prompt
 
         check_prompt(len(ids), self.context, "the bundle's context")
         probs = self.router_mass(ids, probe)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError
+from ...errors import BundleError
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 PREPARED_VERSION = 2  # 2: prepared.json holds `fixed_sha256` (graph + non-expert weights)

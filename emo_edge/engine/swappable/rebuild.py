@@ -12,14 +12,14 @@ import time
 
 import numpy as np
 
-from ..errors import BudgetError, BundleError, EmoEdgeError
+from ...errors import BudgetError, BundleError, EmoEdgeError
 from .layers import MoELayer, SwapStats
-from .memory import MB, _mb, _trim, rss_now as rss
-from ..ort_session import cpu_session
+from ..memory import MB, _mb, _trim, rss_now as rss
+from ...ort_session import cpu_session
 
 
 class RebuildSwap:
-    """SwappableRuntime's swap for the rebuild mechanism (and its LRU cache of expert records).
+    """SwappableEngine's swap for the rebuild mechanism (and its LRU cache of expert records).
 
     Uses the runtime's layers, cache, budget and Budget's headroom, _options; sets active_name, swaps."""
 

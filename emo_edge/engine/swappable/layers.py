@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BundleError, EmoEdgeError, PoolError
+from ...errors import BundleError, EmoEdgeError, PoolError
 
 MANIFEST = "manifest.json"
 

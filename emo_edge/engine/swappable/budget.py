@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..errors import BudgetError
-from .memory import MB, _mb, rss_now as rss
+from ...errors import BudgetError
+from ..memory import MB, _mb, rss_now as rss
 
 
 class Budget:
-    """SwappableRuntime's budget accounting (projected from the bundle and measured RSS).
+    """SwappableEngine's budget accounting (projected from the bundle and measured RSS).
 
     Uses the runtime's dims, budget, backbone_rss, layers, pools, mechanism, prepack_factor."""
 
@@ -16,7 +16,10 @@ class Budget:
         return sum(len(ids) * L.rec_bytes for ids, L in zip(layers, self.layers))
 
     def kv_bytes(self) -> int:
-        return 2 * self.n_layers * self.kv_heads * self.head_dim * 4 * self.max_tokens * 2  # past + present
+        """One decode session's KV cache of `max_tokens` positions: one buffer when past and present share it,
+        else past + present during a step."""
+        copies = 1 if getattr(self, "kv_shared", False) else 2
+        return copies * 2 * self.n_layers * self.kv_heads * self.head_dim * self.kv_dtype.itemsize * self.max_tokens
 
     def activation_bytes(self) -> int:
         return 64 * MB + 3 * 4 * self.vocab_size * self.prefill_chunk

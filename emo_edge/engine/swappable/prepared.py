@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BudgetError, BundleError, EmoEdgeError
+from ...errors import BudgetError, BundleError, EmoEdgeError
 from .layers import MoELayer, _NoStore, _StaleStore, _StaleStoreError
 from .mapped import PAGE, PREPARED_VERSION, cpu_signature, union_block
-from .memory import _mb, _trim, peak_rss, rss_now as rss
-from ..ort_session import cpu_session
+from ..memory import _mb, _trim, peak_rss, rss_now as rss
+from ...ort_session import cpu_session
 
 
 class PreparedStore:
-    """SwappableRuntime's part that opens (preparing or re-preparing it first) the mapped mechanism's store.
+    """SwappableEngine's part that opens (preparing or re-preparing it first) the mapped mechanism's store.
 
     Uses the runtime's root, layers, budget, _ort/_options, progress; sets each layer's mapped/session."""
 
@@ -49,7 +49,7 @@ class PreparedStore:
         that loading touched."""
         import shutil
 
-        from ..fsutil import atomic_dir, dir_of
+        from ...fsutil import atomic_dir, dir_of
         from . import mapped as mp
 
         store = mp.store_dir(self.root)
@@ -94,8 +94,8 @@ class PreparedStore:
     def _read_prepared(self, store: Path) -> dict:
         """prepared.json, validated against this bundle: anything wrong with it (our own file) means the store
         must be prepared again (_StaleStore), never a traceback."""
-        from ..bundle_schema import Prepared
-        from ..schema import confined, load_json, validate
+        from ...bundle_schema import Prepared
+        from ...schema import confined, load_json, validate
         from . import mapped as mp
 
         path = store / "prepared.json"
@@ -262,7 +262,7 @@ def _write_union_data(rt, L, path: Path) -> dict:
 
 
 def prepare(rt, dest: Path, progress=None) -> dict:
-    """Write the prepared store for runtime `rt` (a SwappableRuntime) into `dest` (an empty directory)."""
+    """Write the prepared store for runtime `rt` (a SwappableEngine) into `dest` (an empty directory)."""
     import onnx
     import onnxruntime as ort
 

@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 
-from ..errors import BudgetError
+from ...errors import BudgetError
 from .layers import SwapStats, _CorruptStore
-from .memory import _mb, rss_now as rss
+from ..memory import _mb, rss_now as rss
 
 
 class MappedSwap:
-    """SwappableRuntime's swap for the mapped mechanism (the LRU of resident expert pages).
+    """SwappableEngine's swap for the mapped mechanism (the LRU of resident expert pages).
 
     Uses the runtime's layers, lru, budget and Budget's headroom, its loader pools; sets active_name, swaps."""
 
