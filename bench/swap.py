@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         "x_floor_max": float(ratio.max()) if ratio.size else None,
         "MiB_read_per_swap": float(np.mean([r["MiB_read"] for r in swaps])) if swaps else 0.0,
         "reuse_rate": float(reuse), "cpu_ms_median": float(np.median([r["cpu_ms"] for r in swaps])) if swaps else 0.0,
-        "cores": os.cpu_count(), "decode_tok_s_median": float(np.median([r.decode_tok_s for r in rows])),
+        "cores": os.cpu_count(), "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in rows])),
         "peak_rss_MiB_hwm": hwm / MiB, "peak_rss_MiB_sampled": sampler.peak / MiB,
         "under_budget": bool(hwm <= budget and sampler.peak <= budget), "prepack_factor": rt.prepack_factor}
     rt.close()
