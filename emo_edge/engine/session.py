@@ -184,6 +184,7 @@ class DecodeSession:
         [T, vocab] logits, as the planner's overhead formula assumes); returns the last chunk's logits."""
         logits = None
         for a in range(0, len(ids), self.prefill_chunk):
+            logits = None  # the last chunk's [T, vocab] logits (~100 MB at 14B width) are not held during the next
             logits = self.feed(ids[a:a + self.prefill_chunk])
         if logits is None:
             raise BundleError("empty prompt: nothing to run")
