@@ -25,7 +25,9 @@ For scale: llama.cpp decodes emo-14b's shape (16 layers, 32 experts + 1 shared, 
 
 `python bench/decode.py overhead` measures the planner's runtime-overhead formula (see targets/cpu.json): it
 builds int4 stand-in graphs of two sizes (GatherBlockQuantized embedding, MatMulNBits stack, MatMulNBits head,
-external data) and reports each subprocess's peak RSS minus the weight file bytes at 1 and N prompt tokens.
+external data), loads each with `emo_edge.ort_session.cpu_session` (as the engine does) and reports each
+subprocess's peak RSS minus the weight file bytes at 1 and N prompt tokens, and the anon/file split after load.
+The planner's formula itself is fitted on real bundles with `python bench/residency.py fit` (see targets/cpu.json).
 """
 
 from __future__ import annotations
@@ -312,18 +314,32 @@ def build_standin(path: Path, vocab: int, hidden: int, n_mats: int, block: int =
     return sum(len(t.raw_data) for t in inits)
 
 
+def rss_split() -> tuple[int, int]:
+    """(RssAnon, RssFile) of this process, bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("RssAnon", "RssFile"):
+                out[k] = int(v.split()[0]) * 1024
+    return out.get("RssAnon", 0), out.get("RssFile", 0)
+
+
 def worker_standin(args) -> dict:
     import onnxruntime as ort
+
+    from emo_edge.ort_session import cpu_session
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     base = peak_rss()
-    sess = ort.InferenceSession(args.bundle, so, providers=["CPUExecutionProvider"])
-    after_load = peak_rss()
+    sess = cpu_session(args.bundle, so)  # as the engine loads a bundle: external-data pages released after load
+    after_load, (anon, file) = peak_rss(), rss_split()
     ids = np.full((1, args.prompt), 7, dtype=np.int64)
     for _ in range(2):
         sess.run(None, {"input_ids": ids})
-    return {"base_rss": base, "after_load_rss": after_load, "peak_rss": peak_rss()}
+    return {"base_rss": base, "after_load_rss": after_load, "loaded_anon": anon, "loaded_file": file,
+            "peak_rss": peak_rss()}
 
 
 def overhead(args) -> dict:
@@ -331,6 +347,8 @@ def overhead(args) -> dict:
 
     vocab, hidden = 100352, 2048
     out = []
+    print(f"int4 stand-ins, vocab {vocab}, hidden {hidden}, threads {args.threads}; load avg "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cpus", flush=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for n_mats in args.sizes:
             d = Path(tmp) / f"m{n_mats}"
@@ -345,8 +363,10 @@ def overhead(args) -> dict:
                          overhead=r["peak_rss"] - file_bytes)
                 out.append(r)
                 print(f"mats {n_mats:>4} prompt {t:>4}: file {fmt_bytes(file_bytes):>10}  python+ort "
-                      f"{fmt_bytes(r['base_rss']):>10}  after load {fmt_bytes(r['after_load_rss']):>10}  "
+                      f"{fmt_bytes(r['base_rss']):>10}  after load {fmt_bytes(r['after_load_rss']):>10} (resident anon "
+                      f"{fmt_bytes(r['loaded_anon'])} / file {fmt_bytes(r['loaded_file'])})  "
                       f"peak {fmt_bytes(r['peak_rss']):>10}  peak - file {fmt_bytes(r['overhead']):>10}", flush=True)
+    print(f"load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return {"runs": out}
