@@ -1,0 +1,395 @@
+"""emo-edge against llama.cpp on the same model, side by side: prefill and decode tokens/s, peak RSS, bits per
+weight and the memory-bandwidth roofline, in fresh processes alternating A B A B.
+
+Setup (once; llama.cpp is a benchmark-only dependency, built from source into its own venv):
+
+    python3.11 -m venv /tmp/llama/venv && CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DGGML_NATIVE=ON" \
+        /tmp/llama/venv/bin/pip install --no-cache-dir llama-cpp-python gguf numpy
+    emo-edge synth /tmp/peers/ckpt --preset emo-14b --layers 16 --experts 33      # 32 routed + 1 shared, 8 GB
+    python -c "import json; json.dump({'layers': [list(range(32))] * 16}, open('/tmp/peers/pool_all32.json', 'w'))"
+    emo-edge export --model /tmp/peers/ckpt --pools /tmp/peers/pool_all32.json --precision int4 \
+        --out /tmp/peers/bundle --no-verify
+    /tmp/llama/venv/bin/python bench/gguf_emo.py write /tmp/peers/ckpt /tmp/peers/emo-bf16.gguf
+    /tmp/llama/venv/bin/python bench/gguf_emo.py quantize /tmp/peers/emo-bf16.gguf /tmp/peers/emo-q4_0.gguf
+
+Run (nice, on an otherwise idle machine; about 1 minute per run, 4 runs per pair):
+
+    nice -n 10 python bench/peers.py --bundle /tmp/peers/bundle --gguf /tmp/peers/emo-q4_0.gguf \
+        --model /tmp/peers/ckpt [--pairs 5] [--prompts 128,1024] [--tokens 64] [--threads 2] [--json out.json]
+    python bench/peers_check.py --model /tmp/peers/ckpt --bundle /tmp/peers/bundle \
+        --gguf /tmp/peers/emo-q4_0.gguf,/tmp/peers/emo-bf16.gguf      # the GGUF is the same model
+
+Each run is a fresh worker process: `emo` (this Python: the bundle through `open_emo`, the one function to
+switch to the engine) or `llama` (the llama venv's Python: llama-cpp-python's C API, llama.cpp's defaults
+for a context: n_batch 2048, n_ubatch 512, f16 KV cache, flash attention auto; n_ctx = the bundle's context).
+A worker loads the model, warms up on one token (llama-cli does the same), clears the cache, then prefills
+the prompt (the same random token ids, from the tokenizer's range, for both sides) and greedily decodes
+`--tokens` tokens, each the argmax of the last logits it read back. It reports prefill tok/s (prompt tokens /
+prefill time), decode tok/s ((tokens - 1) / time of the decode steps; the first token comes from prefill),
+its peak RSS (VmHWM) and the generated ids. Pairs alternate the order (A B, B A, ...); ratios are taken
+pair by pair and the median printed. The read bandwidth is a numpy streaming sum over 1 GiB on `--threads`
+threads, probed before and after (the better kept); a side's roofline is bandwidth / bytes it must read per
+decoded token (every non-expert weight, the active experts' share of expert weights, one embedding row, the
+KV cache at the mean decode context), from the bundle's plan and the GGUF's tensor table.
+
+A PyTorch/transformers side does not fit: the fp32 reference at 16 layers x 33 experts holds 16 GB of
+weights on a 24 GB machine shared with other jobs (bench/decode.py runs it at 8 layers).
+bench/peers_check.py checks that the GGUF is the same model (logits against the fp32 reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+LLAMA_PYTHON = "/tmp/llama/venv/bin/python"
+
+
+def token_range(ckpt: Path) -> tuple[int, int]:
+    """Prompt ids are drawn from the tokenizer's non-special ids (the synthetic emo-14b has 2795 BPE tokens;
+    its embedding pads to 100352 rows)."""
+    from emo_edge.errors import CheckpointError
+    from emo_edge.schema import load_json
+
+    tok = load_json(ckpt / "tokenizer.json", CheckpointError, "not found (prompt ids come from its vocabulary)")
+    special = {a["id"] for a in tok.get("added_tokens", [])}
+    n = len(tok["model"]["vocab"])
+    return max(special, default=-1) + 1, n
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: ru_maxrss would carry a big parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+# ---- workers: each runs in its own process and prints one JSON line -----------------------------------------
+def worker_emo(job: dict) -> dict:
+    """emo-edge's side through its engine (what `emo-edge run` uses): greedy, past EOS, one decode session."""
+    from emo_edge.engine import Sampling, open_engine
+
+    t0 = time.perf_counter()
+    eng = open_engine(job["bundle"], threads=job["threads"])
+    load_s = time.perf_counter() - t0
+    eng.generate(job["ids"][:1], sampling=Sampling(2, ignore_eos=True))  # warm-up
+    t = eng.generate(job["ids"], sampling=Sampling(job["tokens"], ignore_eos=True))
+    return {"side": "emo", "load_s": load_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+            "prefill_tok_s": len(job["ids"]) / t.prefill_s, "decode_tok_s": t.decode_tokens / t.decode_s,
+            "peak_rss": peak_rss(), "tokens": [int(x) for x in t.ids]}
+
+
+class Llama:
+    """A llama.cpp model and context through llama-cpp-python's C API (no high-level wrapper in the timing)."""
+
+    def __init__(self, path: str, n_ctx: int, threads: int, mmap: bool = True):
+        import ctypes
+
+        import llama_cpp as L
+
+        self.L = L
+        self._quiet = L.llama_log_callback(lambda level, text, user: None)  # kept alive: C holds the pointer
+        L.llama_log_set(self._quiet, ctypes.c_void_p())
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.use_mmap = mmap
+        self.model = L.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"{path}: llama.cpp cannot load it")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_threads, cp.n_threads_batch = n_ctx, threads, threads
+        self.n_batch = cp.n_batch
+        self.params = {"mmap": mmap, "n_ctx": cp.n_ctx, "n_batch": cp.n_batch, "n_ubatch": cp.n_ubatch,
+                       "flash_attn_type": cp.flash_attn_type, "type_k": cp.type_k, "type_v": cp.type_v}
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.system_info = " ".join(f.split(" = ")[0].strip() for f in L.llama_print_system_info().decode()
+                                    .replace("CPU :", "").split("|") if f.strip().endswith("= 1"))
+        self.version = L.__version__
+
+    def forward(self, ids: list[int], start: int, all_logits: bool = False) -> np.ndarray:
+        """Decode `ids` at positions start.. ; the logits of the last token (or of every token), float32."""
+        rows = []
+        for a in range(0, len(ids), self.n_batch):
+            chunk = ids[a:a + self.n_batch]
+            b = self.batch
+            for i, tok in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, start + a + i, 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (a + i == len(ids) - 1)
+            b.n_tokens = len(chunk)
+            rc = self.L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            for i in (range(len(chunk)) if all_logits else [-1] if a + len(chunk) == len(ids) else []):
+                ptr = self.L.llama_get_logits_ith(self.ctx, i)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return np.stack(rows)
+
+    def clear(self) -> None:
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+
+
+def worker_llama(job: dict) -> dict:
+    t0 = time.perf_counter()
+    m = Llama(job["gguf"], job["n_ctx"], job["threads"], job["llama_mmap"])
+    load_s = time.perf_counter() - t0
+    m.forward(job["ids"][:1], 0)  # warm-up, as llama-cli does, then an empty cache
+    m.clear()
+    ids = job["ids"]
+    t = time.perf_counter()
+    nxt = int(np.argmax(m.forward(ids, 0)[-1]))
+    prefill_s = time.perf_counter() - t
+    out, pos = [nxt], len(ids)
+    t = time.perf_counter()
+    for _ in range(job["tokens"] - 1):
+        nxt = int(np.argmax(m.forward([nxt], pos)[-1]))
+        out.append(nxt)
+        pos += 1
+    decode_s = time.perf_counter() - t
+    return {"side": "llama", "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": (job["tokens"] - 1) / decode_s,
+            "peak_rss": peak_rss(), "tokens": out, "params": m.params, "system_info": m.system_info,
+            "version": m.version}
+
+
+def worker_llama_logits(job: dict) -> dict:
+    m = Llama(job["gguf"], job["n_ctx"], job["threads"], job.get("llama_mmap", True))
+    logits = m.forward(job["ids"], 0, all_logits=True)
+    np.save(job["out"], logits.astype(np.float32))
+    return {"side": "llama_logits", "shape": list(logits.shape)}
+
+
+WORKERS = {"emo": worker_emo, "llama": worker_llama, "llama_logits": worker_llama_logits}
+
+
+def run_worker(kind: str, job: dict, llama_python: str) -> dict:
+    """One fresh process; the job travels on stdin, the result comes back as the last stdout line."""
+    python = llama_python if kind.startswith("llama") else sys.executable
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "_worker", kind], input=json.dumps(job),
+                          capture_output=True, text=True, cwd=str(ROOT))
+    if proc.returncode != 0:
+        return {"side": kind, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_main(kind: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(WORKERS[kind](json.loads(sys.stdin.read()))))
+
+
+# ---- what each side must read per decoded token -------------------------------------------------------------
+def emo_weights(bundle: Path, spec, ctx: int) -> dict:
+    """Bundle file bytes and bytes read per decoded token, from the plan stored in report.json."""
+    from decode import bytes_per_token  # bench/decode.py: the same accounting its table uses
+
+    from emo_edge.errors import BundleError
+    from emo_edge.schema import load_json
+    from targets import get_target
+
+    plan = load_json(bundle / "report.json", BundleError, "not found (the export's report)")["plan"]["plan"]
+    kept = [len(e) + len(i) for e, i in zip(plan["experts"], plan["implicit"]) if e is not None]
+    active = [layer.top_k for layer in spec.moe_layers]
+    kvb = get_target(plan["target"]).kv_bytes_per_element
+    files = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx"))
+    return {"file_bytes": files, "bytes_per_token": bytes_per_token(spec, plan["bytes"], kept, active, ctx, kvb),
+            "kv_bytes": kvb}
+
+
+def llama_weights(gguf: Path, spec, ctx: int, llama_python: str) -> dict:
+    """GGUF file bytes and bytes read per decoded token, from its tensor table (gguf_emo.py info); KV f16."""
+    proc = subprocess.run([llama_python, str(BENCH / "gguf_emo.py"), "info", str(gguf)], capture_output=True,
+                          text=True, cwd="/")
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {gguf}: {(proc.stderr.strip().splitlines() or ['gguf_emo.py info failed'])[-1]}")
+    info = json.loads(proc.stdout)
+    share = info["experts_used"] / info["experts"]
+    bpt = 0.0
+    for name, t in info["tensors"].items():
+        if name == "token_embd.weight":
+            bpt += t["bytes"] / spec.vocab_size  # one row
+        elif "_exps." in name:
+            bpt += t["bytes"] * share  # the routed experts a token selects
+        else:
+            bpt += t["bytes"]
+    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * ctx * 2  # f16 K and V
+    types = sorted({t["type"] for t in info["tensors"].values()})
+    return {"file_bytes": info["file_bytes"], "bytes_per_token": int(bpt + kv), "kv_bytes": 2, "types": types,
+            "output_type": info["tensors"]["output.weight"]["type"],
+            "embd_type": info["tensors"]["token_embd.weight"]["type"]}
+
+
+def checkpoint_params(ckpt: Path) -> int:
+    """The checkpoint's parameter count (elements of every tensor in its safetensors headers)."""
+    from gguf_emo import Checkpoint
+
+    ck = Checkpoint(ckpt)
+    return sum(int(np.prod(st.entries[n]["shape"], dtype=np.int64)) for n, st in ck.where.items())
+
+
+# ---- the side-by-side run -----------------------------------------------------------------------------------
+def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
+    return "/".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
+
+
+def bench(args) -> dict:
+    from decode import read_bandwidth  # bench/decode.py's probe
+
+    from emo_edge.bundle_schema import read_model_dims
+    from emo_edge.spec import load_spec
+    from emo_edge.units import fmt_bytes
+
+    spec = load_spec(args.model)
+    dims = read_model_dims(args.bundle, {}, need_filename=True)
+    n_ctx = dims["context_length"]
+    prompts = [int(p) for p in args.prompts.split(",")]
+    load_before = os.getloadavg()
+    bw_before = read_bandwidth(threads=args.threads)
+    rng = np.random.default_rng(args.seed)
+    ids = {p: [int(x) for x in rng.integers(*token_range(args.model), size=p)] for p in prompts}
+    runs: dict[tuple[str, int], list[dict]] = {(s, p): [] for s in ("emo", "llama") for p in prompts}
+    for pair in range(args.pairs):
+        for p in prompts:
+            for side in (("emo", "llama") if pair % 2 == 0 else ("llama", "emo")):
+                job = {"ids": ids[p], "tokens": args.tokens, "threads": args.threads, "bundle": str(args.bundle),
+                       "gguf": str(args.gguf), "n_ctx": n_ctx, "llama_mmap": not args.llama_no_mmap}
+                r = run_worker(side, job, args.llama_python)
+                if "error" in r:
+                    raise SystemExit(f"error: {side} worker (prompt {p}): {r['error']}")
+                r["load_1min"] = os.getloadavg()[0]
+                runs[(side, p)].append(r)
+                print(f"load {r['load_1min']:.2f}  pair {pair + 1}/{args.pairs} prompt {p:>5} {side:<6} prefill {r['prefill_tok_s']:8.1f} "
+                      f"tok/s  decode {r['decode_tok_s']:6.2f} tok/s  peak RSS {fmt_bytes(r['peak_rss'])}",
+                      file=sys.stderr, flush=True)
+    bw = max(bw_before, read_bandwidth(threads=args.threads))
+    load_after = os.getloadavg()
+    params = checkpoint_params(args.model)
+    rows = [f"emo-edge vs llama.cpp  model {args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
+            f"{spec.layers[0].num_experts - 1}+1 experts, top-{spec.top_k}, {params / 1e9:.2f}B params  "
+            f"threads {args.threads}  decode {args.tokens} tokens  {args.pairs} pairs (A B, B A, ...)",
+            f"load average {' '.join(f'{x:.2f}' for x in load_before)} before, "
+            f"{' '.join(f'{x:.2f}' for x in load_after)} after, on {os.cpu_count()} cpus;  read bandwidth "
+            f"{bw / 1e9:.2f} GB/s (numpy sum of 1 GiB on {args.threads} threads, best before/after)",
+            f"{'side':<7}{'prompt':>7}{'prefill tok/s':>22}{'decode tok/s':>20}{'peak RSS':>11}{'bits/w':>8}"
+            f"{'bytes/tok':>11}{'roofline':>10}{'share':>7}",
+            f"{'':<7}{'':>7}{'min/median/max':>22}{'min/median/max':>20}{'(max)':>11}{'':>8}{'':>11}"
+            f"{'tok/s':>10}{'':>7}"]
+    summary: dict = {"bandwidth_bytes_s": bw, "load_before": load_before, "load_after": load_after,
+                     "params": params, "n_ctx": n_ctx, "prompts": {}}
+    for p in prompts:
+        ctx = p + args.tokens // 2  # mean context while decoding
+        weights = {"emo": emo_weights(Path(args.bundle), spec, ctx),
+                   "llama": llama_weights(Path(args.gguf), spec, ctx, args.llama_python)}
+        summary["prompts"][p] = {}
+        for side in ("emo", "llama"):
+            rs, w = runs[(side, p)], weights[side]
+            dec = [r["decode_tok_s"] for r in rs]
+            roof = bw / w["bytes_per_token"]
+            summary["prompts"][p][side] = dict(w, decode_median=statistics.median(dec),
+                                               prefill_median=statistics.median(r["prefill_tok_s"] for r in rs),
+                                               peak_rss=max(r["peak_rss"] for r in rs), roofline_tok_s=roof)
+            rows.append(f"{side:<7}{p:>7}{spread([r['prefill_tok_s'] for r in rs]):>22}"
+                        f"{spread(dec, '{:.2f}'):>20}{fmt_bytes(max(r['peak_rss'] for r in rs)):>11}"
+                        f"{8 * w['file_bytes'] / params:>8.2f}{fmt_bytes(w['bytes_per_token']):>11}{roof:>10.1f}"
+                        f"{100 * statistics.median(dec) / roof:>6.0f}%")
+    for p in prompts:
+        ratio = {k: statistics.median(e[k] / l[k] for e, l in zip(runs[("emo", p)], runs[("llama", p)]))
+                 for k in ("prefill_tok_s", "decode_tok_s", "peak_rss")}
+        summary["prompts"][p]["ratio"] = ratio
+        rows.append(f"emo/llama at prompt {p} (median of {args.pairs} pair ratios): prefill "
+                    f"{ratio['prefill_tok_s']:.2f}x  decode {ratio['decode_tok_s']:.2f}x  peak RSS "
+                    f"{ratio['peak_rss']:.2f}x")
+    if len(prompts) > 1:
+        lo, hi = min(prompts), max(prompts)
+        rel = {s: summary["prompts"][hi][s]["decode_median"] / summary["prompts"][lo][s]["decode_median"]
+               for s in ("emo", "llama")}
+        summary["decode_long_vs_short"] = rel
+        rows.append(f"decode at prompt {hi} / at prompt {lo} (medians): emo {rel['emo']:.2f}x  "
+                    f"llama {rel['llama']:.2f}x")
+    rows += token_lines(runs, prompts)
+    lw = summary["prompts"][prompts[0]]["llama"]
+    info = runs[("llama", prompts[0])][0]
+    rows.append(f"llama.cpp (llama-cpp-python {info['version']}): bailingmoe GGUF, embedding {lw['embd_type']}, "
+                f"output {lw['output_type']}, router F32; context {info['params']} (flash_attn -1 = auto, "
+                f"type 1 = f16); CPU features {info['system_info']}")
+    rows.append(f"emo-edge: {args.bundle} int4 (block 32), KV float32; bits/w = weight file bytes x 8 / params")
+    print("\n".join(rows))
+    report = {"summary": summary, "runs": {f"{s}@{p}": rs for (s, p), rs in runs.items()}, "table": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def token_lines(runs: dict, prompts: list[int]) -> list[str]:
+    """Greedy tokens are real (argmax of the logits each side read back): distinct ids, the first few, and
+    whether every run of a side produced the same ids (determinism)."""
+    out = []
+    for p in prompts:
+        parts = []
+        for side in ("emo", "llama"):
+            toks = [r["tokens"] for r in runs[(side, p)]]
+            same = all(t == toks[0] for t in toks)
+            parts.append(f"{side} {len(set(toks[0]))} distinct of {len(toks[0])}, first {toks[0][:6]}"
+                         f"{'' if same else ' (runs differ!)'}")
+        e, l = runs[("emo", p)][0]["tokens"], runs[("llama", p)][0]["tokens"]
+        agree = next((i for i, (a, b) in enumerate(zip(e, l)) if a != b), len(e))
+        out.append(f"greedy tokens at prompt {p}: " + "; ".join(parts) + f"; sides agree on the first {agree}")
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:
+        worker_main(argv[1])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, required=True, help="emo-edge int4 bundle of the checkpoint")
+    p.add_argument("--gguf", type=Path, required=True, help="GGUF of the same checkpoint (bench/gguf_emo.py)")
+    p.add_argument("--model", type=Path, required=True, help="the source checkpoint (shape, params, reference)")
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--prompts", default="128,1024")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llama-no-mmap", action="store_true",
+                   help="llama.cpp reads the GGUF into memory (--no-mmap) instead of mapping it")
+    p.add_argument("--llama-python", default=LLAMA_PYTHON, help="python of the llama-cpp-python venv")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    for what, path in (("--bundle", args.bundle / "model.onnx"), ("--model", args.model / "config.json"),
+                       ("--gguf", args.gguf), ("--llama-python", Path(args.llama_python))):
+        if not path.is_file():
+            p.exit(2, f"error: {what} {path}: not found\n")
+    try:
+        prompts = [int(x) for x in args.prompts.split(",")]
+    except ValueError:
+        p.exit(2, f"error: --prompts {args.prompts!r}: expected comma-separated integers\n")
+    if args.pairs < 1 or args.tokens < 2 or min(prompts) < 1 or args.threads < 1:
+        p.exit(2, "error: --pairs and --threads must be >= 1, --tokens >= 2, prompts >= 1\n")
+    if args.json and Path(args.json).exists():
+        p.exit(2, f"error: --json {args.json}: exists; refusing to overwrite it\n")
+    sys.path[:0] = [str(ROOT), str(BENCH)]
+    from emo_edge.errors import EmoEdgeError
+
+    try:
+        bench(args)
+    except EmoEdgeError as exc:
+        p.exit(2, f"error: {exc}\n")
+
+
+if __name__ == "__main__":
+    main()
