@@ -2,32 +2,27 @@
 
 An `ExportPlan` is pure data (frozen, JSON round-trippable) that the exporter follows and the bundle stores as
 `plan.json`. `make_plan` is a pure function of the model's shape, the pool union, the budget, the context and
-the target; nothing is read from disk.
+the target; nothing is read from disk. The arithmetic (bytes per component, KV cache, decode-speed estimate) is
+in `emo_edge/plan_bytes.py`; its docstring states every rule.
 
-Byte accounting (`weight_bytes`) -- per component, in the exact layouts of `emo_edge/quant.py`:
-  * a matrix W[N, K] at fp32/fp16 costs N*K*4 / N*K*2 bytes;
-  * at int8/int4 (MatMulNBits / QMoE / GatherBlockQuantized, blocks of `block_size` along K, K padded up to
-    whole blocks): N*nb*block_size*bits/8 codes + N*nb scales (target.scale_bytes each) + when asymmetric
-    N*ceil(nb*bits/8) packed zero points, with nb = ceil(K / block_size);
-  * attention: q [nh*hd, H], k/v [nkv*hd, H], o [H, nh*hd] per layer (+ fp32 biases);
-  * experts: per MoE layer, every kept routed expert plus the implicit (shared / always-active) ones, each
-    gate+up as one [2I, H] (QMoE fc1) and down [H, I] (fc2); dense layers' SwiGLU MLPs use the expert precision;
-  * router: always fp32, only the rows of kept experts (the bundle's expert j of layer l is experts[l][j],
-    followed by the implicit experts);
-  * embedding [V, H] (Gather / GatherBlockQuantized, needs H % block_size == 0 when quantized);
-  * lm_head [V, H]; a tied head at the embedding's precision shares its bytes (0 extra), otherwise it is a copy;
-  * norms fp32; RoPE cos/sin caches fp32 [context, head_dim/2] each.
-Resident bytes differ from file bytes where the target upcasts fp16 weights (`target.fp16_resident_bytes`).
-The budget covers resident weights + KV cache (2 * layers * kv_heads * head_dim * context * kv element bytes)
+The budget covers resident weights + KV cache (float32 for all-fp32 plans, else float16 or int8: see below)
 + runtime overhead (`target.overhead_bytes`, a formula fitted to measurements; see targets/cpu.json).
 
 `auto` search order: every assignment of the target's allowed precisions to (attention, experts, embedding,
 lm_head) is ranked by a provisional accuracy cost  sum_c SENSITIVITY[c] * NOISE[precision_c]  (NOISE is the
 relative quantization step: fp16 ~0, int8 1, int4 18 = 127/7; SENSITIVITY: lm_head 3 > attention 2 > experts 1
-> embedding 0.5), ties broken by more bytes first; the first assignment that fits the budget with the full
-pool wins. So: all fp16, then int8 on embedding, experts, attention, lm_head in turn, ... down to all int4.
+> embedding 0.5), ties broken by more bytes first. Each assignment is tried with each KV cache dtype it may use
+(`plan_bytes.kv_dtypes`: float32 for all-fp32, else the target's kv_cache_dtype then its other kv_cache_dtypes),
+adding SENSITIVITY["kv_cache"] * KV_NOISE[dtype] to the cost (`search_order`). Among the items that fit the budget
+with the full pool, `optimize` picks:
+  * "balanced" (default): the first (most accurate) whose estimated decode tok/s is at least
+    target.speed.balanced_fraction of the fastest fitting one's (the experts are the same for all of them), or
+    at least target.speed.enough_tok_s (decode outruns any reader there: accuracy alone decides);
+  * "quality": the first that fits (most accurate, whatever its speed);
+  * "speed": the fastest (first in search order among equals).
+The estimate of the chosen plan is in `speed`, and a note says when speed ruled out a more accurate plan.
 Components fixed by the caller (`precision="int4"` or {"experts": "int4"}) are not searched.
-If even the smallest assignment does not fit, the lowest-scored routed experts are trimmed one at a time
+If no assignment fits, the smallest one is taken and the lowest-scored routed experts are trimmed one at a time
 (globally lowest score first; ties: the layer keeping the most experts, then lower layer, then lower id), never
 below `routed_k` per layer, and the plan records each in `trimmed`. If the minimum model (smallest assignment,
 routed_k routed experts per layer) does not fit, `BudgetError` states that minimum.
@@ -37,21 +32,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .errors import BudgetError, BundleError, EmoEdgeError
+from .plan_bytes import (  # noqa: F401  (matrix_bytes, kv_cache_bytes: part of this module's API)
+    BITS, COMPONENTS, component_bytes, decode_bytes, decode_estimate, effective_layouts, kv_cache_bytes, kv_dtypes,
+    matrix_bytes, qmoe_scale_upcast, quantizable, resident_bytes, rope_bytes, rope_dtype,
+)
+from .plan_format import format_plan  # noqa: F401  (part of this module's API)
 from .spec import EmoSpec, check_context
 from .units import fmt_bytes
 
-PLAN_VERSION = 1
-COMPONENTS = ("attention", "experts", "embedding", "lm_head")
-BITS = {"int8": 8, "int4": 4}
-FLOAT_BYTES = {"fp32": 4, "fp16": 2}
+PLAN_VERSION = 2
+OPTIMIZE = ("balanced", "quality", "speed")
 # Provisional accuracy model for the auto search (see module docstring); replace with measured KL per component.
 NOISE = {"fp32": 0.0, "fp16": 0.01, "int8": 1.0, "int4": 18.0}
-SENSITIVITY = {"lm_head": 3.0, "attention": 2.0, "experts": 1.0, "embedding": 0.5}
+SENSITIVITY = {"lm_head": 3.0, "attention": 2.0, "experts": 1.0, "embedding": 0.5, "kv_cache": 2.0}
+KV_NOISE = {"float32": 0.0, "float16": 0.01, "int8": 1.0}  # the KV cache feeds attention: its sensitivity
 
 
 @dataclass(frozen=True)
@@ -60,15 +58,15 @@ class ExportPlan:
     target: str
     experts: list  # per layer: sorted kept routed expert ids (source numbering), None for dense layers
     implicit: list  # per layer: shared / always-active expert ids (always kept; [] for none / dense)
-    precision: dict  # attention, experts, embedding, lm_head -> fp16|int8|int4; router -> fp32
-    block_size: int
-    symmetric: bool
-    scale_dtype: str
+    precision: dict  # attention, experts, embedding, lm_head -> fp32|fp16|int8|int4; router -> fp32
+    layouts: dict  # component -> {"block_size", "symmetric", "scale_dtype"} used where it is int8/int4
     accuracy_level: int
-    kv_cache_dtype: str
+    kv_cache_dtype: str  # float32 | float16: the graph's past/present type
     context: int
     budget: int | None
     bytes: dict  # file bytes per component, weights, weights_resident, kv_cache, overhead, total
+    speed: dict  # the decode estimate: tok_s, bytes_per_token, context_tokens (emo_edge/plan_bytes.py)
+    optimize: str  # balanced | quality | speed: how `auto` chose among fitting plans
     trimmed: list = field(default_factory=list)  # [{"layer", "expert", "score", "reason"}]
     notes: list = field(default_factory=list)
     version: int = PLAN_VERSION
@@ -79,14 +77,16 @@ class ExportPlan:
         kept = self.experts[layer]
         return [] if kept is None else list(kept) + list(self.implicit[layer])
 
-    def quant_scheme(self, component: str):
-        """A `quant.QuantScheme` for an int8/int4 component, None for fp16/fp32."""
+    def quant_scheme(self, component: str, scale_dtype: str | None = None):
+        """A `quant.QuantScheme` for an int8/int4 component (None for fp16/fp32); `scale_dtype` overrides the
+        layout's (the MatMulNBits parts of the experts take scales of the activation dtype)."""
         p = self.precision[component]
         if p not in BITS:
             return None
         from .quant import QuantScheme
-        return QuantScheme(bits=BITS[p], block_size=self.block_size, symmetric=self.symmetric,
-                           scale_dtype=self.scale_dtype)
+        lay = self.layouts[component]
+        return QuantScheme(bits=BITS[p], block_size=lay["block_size"], symmetric=lay["symmetric"],
+                           scale_dtype=scale_dtype or lay["scale_dtype"])
 
     # ---- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -109,7 +109,9 @@ class ExportPlan:
         kw["experts"] = [None if e is None else [int(x) for x in e] for e in d["experts"]]
         kw["implicit"] = [[int(x) for x in e] for e in d["implicit"]]
         kw["precision"] = dict(d["precision"])
+        kw["layouts"] = {c: dict(v) for c, v in d["layouts"].items()}
         kw["bytes"] = {k: int(v) for k, v in d["bytes"].items()}
+        kw["speed"] = dict(d["speed"])
         kw["trimmed"] = [dict(t) for t in d["trimmed"]]
         kw["notes"] = list(d["notes"])
         return cls(**kw)
@@ -122,99 +124,42 @@ class ExportPlan:
             raise BundleError(f"plan: not valid JSON ({exc})") from None
 
 
-# ---- byte accounting (pure arithmetic) ---------------------------------------------------------------------
-def matrix_bytes(n: int, k: int, precision: str, block_size: int = 32, symmetric: bool = True,
-                 scale_bytes: int = 4) -> int:
-    """File bytes of a weight W[N, K] stored at `precision` (quantized along K in blocks)."""
-    if precision in FLOAT_BYTES:
-        return n * k * FLOAT_BYTES[precision]
-    if precision not in BITS:
-        raise EmoEdgeError(f"unknown precision '{precision}' (known: fp32, fp16, int8, int4)")
-    bits = BITS[precision]
-    nb = -(-k // block_size)
-    size = n * nb * block_size * bits // 8 + n * nb * scale_bytes
-    if not symmetric:
-        size += n * (-(-nb * bits // 8))
-    return size
-
-
-def _resident(file_bytes: int, precision: str, fp16_resident: int) -> int:
-    return file_bytes * fp16_resident // 2 if precision == "fp16" else file_bytes
-
-
+# ---- bytes and speed of one assignment --------------------------------------------------------------------
 def weight_bytes(spec: EmoSpec, experts: Sequence[Sequence[int] | None], implicit: Sequence[Sequence[int]],
-                 precision: Mapping[str, str], target) -> tuple[dict[str, int], int]:
-    """(file bytes per component, resident weight bytes) for kept experts `experts` (+ `implicit`)."""
-    bs, sym, sb = target.block_size, target.symmetric, target.scale_bytes
-    m = lambda n, k, p: matrix_bytes(n, k, p, bs, sym, sb)  # noqa: E731
-    H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
-    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    pa, pe, pm, ph = (precision[c] for c in COMPONENTS)
-    attn = m(q, H, pa) + 2 * m(kv, H, pa) + m(H, q, pa)
-    if spec.attention_bias:
-        attn += 4 * (q + 2 * kv + H)
-    per_expert = m(2 * I, H, pe) + m(H, I, pe)
-    out = {"attention": spec.num_layers * attn, "experts": 0, "router": 0, "dense_mlp": 0}
-    for layer in spec.layers:
-        if layer.num_experts == 0:
-            d = spec.dense_intermediate_size or 0
-            out["dense_mlp"] += m(2 * d, H, pe) + m(H, d, pe) + (4 * (2 * d + H) if spec.dense_mlp_bias else 0)
-            continue
-        n = len(experts[layer.index] or ()) + len(implicit[layer.index])
-        out["experts"] += n * per_expert
-        out["router"] += n * H * 4
-    out["embedding"] = m(V, H, pm)
-    shared_head = spec.tie_word_embeddings and ph == pm
-    out["lm_head"] = 0 if shared_head else m(V, H, ph)
-    out["norms"] = 4 * H * (2 * spec.num_layers + 1)
-    out["rope"] = 0  # filled by _totals: fp32 cos/sin caches [context, head_dim/2]
-    fp16r = target.fp16_resident_bytes
-    resident = (_resident(out["attention"], pa, fp16r) + _resident(out["experts"] + out["dense_mlp"], pe, fp16r)
-                + _resident(out["embedding"], pm, fp16r) + _resident(out["lm_head"], ph, fp16r)
-                + out["router"] + out["norms"])
-    return out, resident
+                 precision: Mapping[str, str], target, layouts: Mapping[str, dict] | None = None
+                 ) -> tuple[dict[str, int], int]:
+    """(file bytes per component, resident weight bytes, RoPE caches excluded) for kept `experts` (+ `implicit`)."""
+    layouts = effective_layouts(spec, target) if layouts is None else layouts
+    comp = component_bytes(spec, experts, implicit, precision, layouts, target)
+    comp["rope"] = 0
+    return comp, resident_bytes(comp, precision, target, qmoe_scale_upcast(spec, experts, precision, layouts))
 
 
-def kv_cache_bytes(spec: EmoSpec, context: int, target) -> int:
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * context * target.kv_bytes_per_element
-
-
-def _totals(spec, experts, implicit, precision, context, target) -> dict[str, int]:
-    comp, resident = weight_bytes(spec, experts, implicit, precision, target)
-    comp["rope"] = 2 * context * (spec.head_dim // 2) * 4
-    resident += comp["rope"]
+def _totals(spec, experts, implicit, precision, context, target, layouts) -> dict[str, int]:
+    """Bytes of one search item: `precision` holds the four components and "kv_cache" (the KV dtype)."""
+    kv = precision["kv_cache"]
+    comp = component_bytes(spec, experts, implicit, precision, layouts, target)
+    comp["rope"] = rope_bytes(spec, context, rope_dtype(spec, kv))
+    if kv == "int8":  # GroupQueryAttention's static per-channel k_scale / v_scale, fp32 [kv_heads * head_dim]
+        comp["kv_scales"] = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
     out = dict(comp)
     out["weights"] = sum(comp.values())
-    out["weights_resident"] = resident
-    out["kv_cache"] = kv_cache_bytes(spec, context, target)
+    out["weights_resident"] = resident = resident_bytes(comp, precision, target,
+                                                        qmoe_scale_upcast(spec, experts, precision, layouts))
+    out["kv_cache"] = kv_cache_bytes(spec, context, kv)
     out["overhead"] = target.overhead_bytes(resident, spec.vocab_size, spec.hidden_size)
     out["total"] = resident + out["kv_cache"] + out["overhead"]
     return out
 
 
+def _estimate(spec, experts, implicit, precision, context, target, layouts, totals) -> dict:
+    kv_tokens = min(context, target.speed.context_tokens)
+    per_token = decode_bytes(spec, totals, precision, layouts, target, experts, implicit, kv_tokens,
+                             precision["kv_cache"])  # bytes per kernel class
+    return decode_estimate(spec, per_token, totals["weights_resident"], kv_tokens, target)
+
+
 # ---- the search -----------------------------------------------------------------------------------------
-def _quantizable(spec: EmoSpec, component: str, p: str, block_size: int) -> bool:
-    if p not in BITS:
-        return True
-    if component == "experts":  # QMoE needs hidden and inter divisible by the block
-        return spec.hidden_size % block_size == 0 and spec.intermediate_size % block_size == 0
-    if component == "embedding":  # GatherBlockQuantized needs hidden divisible by the block
-        return spec.hidden_size % block_size == 0
-    return True
-
-
-MIN_BLOCK = 16  # the smallest block MatMulNBits / QMoE / GatherBlockQuantized take (powers of two)
-
-
-def effective_block_size(spec: EmoSpec, block_size: int) -> int:
-    """The target's block size, or the largest smaller power of two (>= 16) that divides hidden and intermediate
-    sizes (QMoE and GatherBlockQuantized need whole blocks), so odd-sized models can still be quantized."""
-    b = block_size
-    while b > MIN_BLOCK and (spec.hidden_size % b or spec.intermediate_size % b):
-        b //= 2
-    return b
-
-
 def _parse_precision(precision: str | Mapping[str, str]) -> dict[str, str]:
     """'auto' -> {}, 'int4' -> all four, 'experts=int4,attention=int8' or a dict -> those fixed."""
     if isinstance(precision, Mapping):
@@ -242,27 +187,71 @@ def candidates(spec: EmoSpec, target, fixed: Mapping[str, str] | None = None) ->
     """Precision assignments in `auto` search order (most accurate first). Bytes tie-break needs no model
     input beyond the shape, so the order is fixed for a given spec and target."""
     fixed = dict(fixed or {})
+    layouts = effective_layouts(spec, target)
     options = []
     for c in COMPONENTS:
         if c in fixed:
             if fixed[c] not in target.precisions_for(c):
                 raise EmoEdgeError(f"target '{target.name}' cannot store {c} at {fixed[c]} "
                                    f"(allowed: {', '.join(target.precisions_for(c))})")
-            if not _quantizable(spec, c, fixed[c], target.block_size):
-                raise EmoEdgeError(f"{c} cannot be {fixed[c]} with block size {target.block_size}: hidden "
+            if not quantizable(spec, c, fixed[c], layouts):
+                raise EmoEdgeError(f"{c} cannot be {fixed[c]} with block size {layouts[c]['block_size']}: hidden "
                                    f"{spec.hidden_size} / intermediate {spec.intermediate_size} not divisible")
             options.append((fixed[c],))
         else:
-            options.append(tuple(p for p in target.precisions_for(c) if _quantizable(spec, c, p, target.block_size)))
+            options.append(tuple(p for p in target.precisions_for(c) if quantizable(spec, c, p, layouts)))
     full = [list(layer.routed_experts) if layer.num_experts else None for layer in spec.layers]
     imp = [list(layer.implicit_experts) for layer in spec.layers]
     combos = [dict(zip(COMPONENTS, combo)) for combo in itertools.product(*options)]
 
     def key(pr):
         cost = sum(SENSITIVITY[c] * NOISE[pr[c]] for c in COMPONENTS)
-        return (round(cost, 9), -weight_bytes(spec, full, imp, pr, target)[1], tuple(pr[c] for c in COMPONENTS))
+        return (round(cost, 9), -weight_bytes(spec, full, imp, pr, target, layouts)[1],
+                tuple(pr[c] for c in COMPONENTS))
 
     return sorted(combos, key=key)
+
+
+def search_order(spec: EmoSpec, target, fixed: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """`candidates` x the KV cache dtypes each may use (`plan_bytes.kv_dtypes`), as search items (the four
+    components + "kv_cache"), most accurate first: the KV dtype adds SENSITIVITY["kv_cache"] * KV_NOISE[dtype]
+    to the assignment's cost; ties keep the candidates' order, then the KV dtypes' preference order."""
+    items = []
+    for rank, pr in enumerate(candidates(spec, target, fixed)):
+        base = sum(SENSITIVITY[c] * NOISE[pr[c]] for c in COMPONENTS)
+        for j, kv in enumerate(kv_dtypes(spec, pr, target)):
+            items.append((round(base + SENSITIVITY["kv_cache"] * KV_NOISE[kv], 9), rank, j, {**pr, "kv_cache": kv}))
+    return [it[3] for it in sorted(items, key=lambda it: it[:3])]
+
+
+def _label(pr: Mapping[str, str]) -> str:
+    """'int4/int4/int8/int4 (attention/experts/embedding/lm_head) + float16 KV cache'"""
+    return ("/".join(pr[c] for c in COMPONENTS) + " (" + "/".join(COMPONENTS) + ")"
+            + (f" + {pr['kv_cache']} KV cache" if "kv_cache" in pr else ""))
+
+
+def choose(fitting: list[tuple[dict, dict]], optimize: str, fraction: float,
+           enough: float = float("inf")) -> tuple[int, str | None]:
+    """Index into `fitting` ((precision, speed estimate) pairs in search order) of the plan `optimize` picks,
+    and a note when speed ruled out a more accurate plan (balanced) or picked a less accurate one (speed).
+    balanced: the first whose estimate is >= fraction x the fastest's, or >= `enough` tok/s."""
+    if optimize not in OPTIMIZE:
+        raise EmoEdgeError(f"--optimize '{optimize}' is not one of {', '.join(OPTIMIZE)}")
+    speeds = [est["tok_s"] for _, est in fitting]
+    fastest = max(speeds)
+    if optimize == "quality":
+        return 0, None
+    if optimize == "speed":
+        i = speeds.index(fastest)
+    else:
+        i = next(j for j, v in enumerate(speeds) if v >= min(fraction * fastest, enough))
+    if i == 0:
+        return 0, None
+    why = (f"below {fraction:.0%} of the fastest fitting plan's {fastest:.1f} tok/s" if optimize == "balanced"
+           else f"slower than the fastest fitting plan's {fastest:.1f} tok/s")
+    return i, (f"optimize {optimize}: the more accurate {_label(fitting[0][0])} "
+               f"fits but is estimated at {speeds[0]:.1f} tok/s, {why}; chose {_label(fitting[i][0])} at "
+               f"{speeds[i]:.1f} tok/s (--optimize quality keeps the most accurate)")
 
 
 def _normalise_pool(spec: EmoSpec, pool_union) -> list[list[int] | None]:
@@ -291,23 +280,23 @@ def _normalise_pool(spec: EmoSpec, pool_union) -> list[list[int] | None]:
 
 def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, budget_bytes: int | None,
               context: int, target="cpu", precision: str | Mapping[str, str] = "auto",
-              expert_scores: Sequence[Mapping[int, float] | None] | None = None, identity: str = "") -> ExportPlan:
+              expert_scores: Sequence[Mapping[int, float] | None] | None = None, identity: str = "",
+              optimize: str = "balanced") -> ExportPlan:
     """Choose precisions (and, if needed, trim experts) so the bundle fits `budget_bytes` (None: no limit).
 
     pool_union: per layer, routed expert ids to keep (None: all); implicit experts are always kept.
     expert_scores: per layer {expert id: score} (higher = more important) used only for trimming.
+    optimize: balanced | quality | speed (see the module docstring).
     Raises BudgetError (with the minimum) if even the smallest model does not fit."""
     from targets import get_target
 
     target = get_target(target)
-    notes: list[str] = []
-    block = effective_block_size(spec, target.block_size)
-    if block != target.block_size:
-        import dataclasses
-
-        notes.append(f"block size {block} instead of the target's {target.block_size}: hidden {spec.hidden_size} / "
-                     f"intermediate {spec.intermediate_size} are not multiples of {target.block_size}")
-        target = dataclasses.replace(target, block_size=block)
+    if optimize not in OPTIMIZE:
+        raise EmoEdgeError(f"--optimize '{optimize}' is not one of {', '.join(OPTIMIZE)}")
+    layouts = effective_layouts(spec, target)
+    notes = [f"{c} block size {layouts[c]['block_size']} instead of the target's {target.layout(c).block_size}: "
+             f"hidden {spec.hidden_size} / intermediate {spec.intermediate_size} are not multiples of it"
+             for c in COMPONENTS if layouts[c]["block_size"] != target.layout(c).block_size]
     check_context(spec, context)  # a positive int <= spec.MAX_CONTEXT (RoPE tables and KV cache are sized by it)
     if budget_bytes is not None and budget_bytes <= 0:
         raise BudgetError(f"budget must be positive, got {budget_bytes}")
@@ -317,62 +306,77 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
     if spec.max_position_embeddings and context > spec.max_position_embeddings:
         notes.append(f"context {context} exceeds the model's max_position_embeddings {spec.max_position_embeddings}")
 
-    order = candidates(spec, target, fixed)
+    order = search_order(spec, target, fixed)
     fits = lambda b: budget_bytes is None or b["total"] <= budget_bytes  # noqa: E731
-    chosen = None
-    for pr in order:
-        b = _totals(spec, kept, implicit, pr, context, target)
-        if fits(b):
-            chosen, totals = pr, b
-            break
+    totals_of = lambda e, pr: _totals(spec, e, implicit, pr, context, target, layouts)  # noqa: E731
+    estimate = lambda e, pr, b: _estimate(spec, e, implicit, pr, context, target, layouts, b)  # noqa: E731
+    fitting = [(pr, b) for pr in order for b in [totals_of(kept, pr)] if fits(b)]
     trimmed: list[dict] = []
-    if chosen is None:
-        # smallest assignment, then trim experts
-        smallest = min(order, key=lambda pr: _totals(spec, kept, implicit, pr, context, target)["total"])
-        minimum_pool = [None if k is None else _lowest_dropped(k, spec.layers[i].routed_k, expert_scores, i)
-                        for i, k in enumerate(kept)]
-        minimum = _totals(spec, minimum_pool, implicit, smallest, context, target)
-        if not fits(minimum):
-            prec = ", ".join(f"{c} {smallest[c]}" for c in COMPONENTS)
-            raise BudgetError(
-                f"budget {fmt_bytes(budget_bytes)} ({budget_bytes} bytes) cannot hold the minimum model: "
-                f"{fmt_bytes(minimum['total'])} ({minimum['total']} bytes) = weights "
-                f"{fmt_bytes(minimum['weights_resident'])} + KV cache at context {context} "
-                f"{fmt_bytes(minimum['kv_cache'])} + runtime overhead {fmt_bytes(minimum['overhead'])} "
-                f"({prec}; {_min_experts(spec)}). Raise --budget to at least "
-                f"{fmt_bytes(minimum['total'])} or lower --context")
-        chosen = smallest
-        kept = [None if k is None else list(k) for k in kept]
-        totals = _totals(spec, kept, implicit, chosen, context, target)
-        while not fits(totals):
-            layer, expert, score = _next_to_trim(spec, kept, expert_scores)
-            kept[layer].remove(expert)
-            trimmed.append({"layer": layer, "expert": expert, "score": score, "reason": "budget"})
-            totals = _totals(spec, kept, implicit, chosen, context, target)
-        per_layer = {}
+    if fitting:
+        ests = [estimate(kept, pr, b) for pr, b in fitting]
+        i, why = choose([(pr, e) for (pr, _), e in zip(fitting, ests)], optimize, target.speed.balanced_fraction,
+                        target.speed.enough_tok_s)
+        (chosen, totals), speed = fitting[i], ests[i]
+        notes += [why] if why else []
+    else:
+        chosen, kept, trimmed, totals = _trim(spec, kept, implicit, order, totals_of, fits, expert_scores,
+                                              budget_bytes, context)
+        speed = estimate(kept, chosen, totals)
+        per_layer: dict[int, int] = {}
         for t in trimmed:
             per_layer[t["layer"]] = per_layer.get(t["layer"], 0) + 1
-        prec = "/".join(chosen[c] for c in COMPONENTS)
-        notes.append(f"even the smallest precisions (attention/experts/embedding/lm_head {prec}) do not fit "
+        notes.append(f"even the smallest precisions ({_label(chosen)}) do not fit "
                      f"{fmt_bytes(budget_bytes)} with the full pool: "
                      f"trimmed {len(trimmed)} lowest-scored routed experts "
                      f"({', '.join(f'layer {l}: -{n}' for l, n in sorted(per_layer.items()))})"
                      + ("" if expert_scores else "; no expert scores given, so ties were broken by id"))
     if spec.tie_word_embeddings:
-        notes.append("tied embeddings: lm_head " + ("shares the embedding's bytes" if chosen["lm_head"] ==
-                     chosen["embedding"] else f"is a separate {chosen['lm_head']} copy"))
+        notes.append("tied embeddings: the lm_head is stored as its own " + chosen["lm_head"] + " copy beside the "
+                     "embedding's table (onnxruntime cannot share one initializer between Gather and MatMul)")
     if any(chosen[c] == "fp16" for c in COMPONENTS) and target.fp16_resident_bytes != 2:
         notes.append(f"fp16 weights are upcast at session start on target '{target.name}': "
                      f"{target.fp16_resident_bytes} bytes each resident")
-    if not any(chosen[c] in ("int8", "int4") for c in COMPONENTS):  # block sizes only matter to quantized weights
-        notes = [n for n in notes if not n.startswith("block size ")]
-    precision_out = dict(chosen)
+    quantized = {c for c in COMPONENTS if chosen[c] in BITS}  # block sizes only matter to quantized weights
+    notes = [n for n in notes if not n.endswith("not multiples of it") or n.split()[0] in quantized]
+    kv = chosen["kv_cache"]
+    if kv != kv_dtypes(spec, chosen, target)[0]:
+        notes.append(f"KV cache {kv} (GroupQueryAttention's native int8 cache with static per-channel scales, "
+                     f"calibrated at export): the {kv_dtypes(spec, chosen, target)[0]} cache would not fit or is "
+                     f"ranked after it")
+    precision_out = {c: chosen[c] for c in COMPONENTS}
     precision_out["router"] = "fp32"
     return ExportPlan(
         source_identity=identity, target=target.name, experts=[None if k is None else sorted(k) for k in kept],
-        implicit=implicit, precision=precision_out, block_size=target.block_size, symmetric=target.symmetric,
-        scale_dtype=target.scale_dtype, accuracy_level=target.accuracy_level, kv_cache_dtype=target.kv_cache_dtype,
-        context=context, budget=budget_bytes, bytes=totals, trimmed=trimmed, notes=notes)
+        implicit=implicit, precision=precision_out, layouts=layouts, accuracy_level=target.accuracy_level,
+        kv_cache_dtype=kv, context=context, budget=budget_bytes, bytes=totals, speed=speed,
+        optimize=optimize, trimmed=trimmed, notes=notes)
+
+
+def _trim(spec, kept, implicit, order, totals_of, fits, expert_scores, budget_bytes, context):
+    """No assignment fits the full pool: the smallest assignment, trimming lowest-scored experts until it fits.
+    Returns (precision, kept, trimmed, totals); BudgetError with the minimum if even routed_k per layer fails."""
+    smallest = min(order, key=lambda pr: totals_of(kept, pr)["total"])
+    minimum_pool = [None if k is None else _lowest_dropped(k, spec.layers[i].routed_k, expert_scores, i)
+                    for i, k in enumerate(kept)]
+    minimum = totals_of(minimum_pool, smallest)
+    if not fits(minimum):
+        prec = ", ".join(f"{c} {smallest[c]}" for c in COMPONENTS) + f", KV cache {smallest['kv_cache']}"
+        raise BudgetError(
+            f"budget {fmt_bytes(budget_bytes)} ({budget_bytes} bytes) cannot hold the minimum model: "
+            f"{fmt_bytes(minimum['total'])} ({minimum['total']} bytes) = weights "
+            f"{fmt_bytes(minimum['weights_resident'])} + KV cache at context {context} "
+            f"{fmt_bytes(minimum['kv_cache'])} + runtime overhead {fmt_bytes(minimum['overhead'])} "
+            f"({prec}; {_min_experts(spec)}). Raise --budget to at least "
+            f"{fmt_bytes(minimum['total'])} or lower --context")
+    kept = [None if k is None else list(k) for k in kept]
+    trimmed: list[dict] = []
+    totals = totals_of(kept, smallest)
+    while not fits(totals):
+        layer, expert, score = _next_to_trim(spec, kept, expert_scores)
+        kept[layer].remove(expert)
+        trimmed.append({"layer": layer, "expert": expert, "score": score, "reason": "budget"})
+        totals = totals_of(kept, smallest)
+    return smallest, kept, trimmed, totals
 
 
 def _min_experts(spec: EmoSpec) -> str:
@@ -406,45 +410,3 @@ def _next_to_trim(spec: EmoSpec, kept, expert_scores) -> tuple[int, int, float]:
     if best is None:  # cannot happen: the minimum was checked to fit
         raise BudgetError("no expert left to trim")
     return best[1], best[2], best[0][0]
-
-
-# ---- printing ---------------------------------------------------------------------------------------------
-def format_plan(plan: ExportPlan) -> str:
-    b, p = plan.bytes, plan.precision
-    kept = [len(e) for e in plan.experts if e is not None]
-    imp = [len(i) for e, i in zip(plan.experts, plan.implicit) if e is not None]
-    per_layer = (f"{min(kept)}-{max(kept)}" if kept and min(kept) != max(kept) else str(kept[0] if kept else 0))
-    rows = [("attention", p["attention"], b["attention"], ""),
-            ("experts", p["experts"], b["experts"] + b.get("dense_mlp", 0),
-             f"{per_layer} routed + {imp[0] if imp else 0} implicit per MoE layer"),
-            ("router", "fp32", b["router"], "kept rows only"),
-            ("embedding", p["embedding"], b["embedding"], ""),
-            ("lm_head", p["lm_head"], b["lm_head"], "shared with embedding" if b["lm_head"] == 0 else ""),
-            ("norms", "fp32", b["norms"], ""),
-            ("rope", "fp32", b.get("rope", 0), "cos/sin caches")]
-    budget = "none" if plan.budget is None else fmt_bytes(plan.budget)
-    quantized = any(v in ("int8", "int4") for v in p.values())  # block size means nothing to an all-float plan
-    block = f"  block {plan.block_size} {'symmetric' if plan.symmetric else 'asymmetric'}" if quantized else ""
-    lines = [f"export plan  target {plan.target}  context {plan.context}  budget {budget}{block}",
-             f"{'component':<12}{'precision':<11}{'bytes':>12}  note", "-" * 64]
-    for name, prec, size, note in rows:
-        lines.append(f"{name:<12}{prec:<11}{fmt_bytes(size):>12}  {note}".rstrip())
-    lines.append("-" * 64)
-    lines.append(f"{'weights':<12}{'(file)':<11}{fmt_bytes(b['weights']):>12}  bytes in the bundle on disk")
-    lines.append(f"{'weights':<12}{'(in RAM)':<11}{fmt_bytes(b['weights_resident']):>12}  resident once loaded "
-                 f"(fp16 is upcast on some targets); the budget counts this")
-    lines.append(f"{'kv cache':<12}{plan.kv_cache_dtype:<11}{fmt_bytes(b['kv_cache']):>12}  {plan.context} tokens")
-    try:
-        from targets import get_target
-        chunk = f"; prefill chunks <= {get_target(plan.target).overhead.prefill_tokens} tokens"
-    except EmoEdgeError:
-        chunk = ""
-    lines.append(f"{'overhead':<12}{'runtime':<11}{fmt_bytes(b['overhead']):>12}  target {plan.target} formula{chunk}")
-    head = "" if plan.budget is None else f"  {100 * b['total'] / plan.budget:.0f}% of budget"
-    lines.append(f"{'total':<12}{'':<11}{fmt_bytes(b['total']):>12}{head}")
-    if plan.trimmed:
-        lines.append(f"trimmed {len(plan.trimmed)} experts: " + ", ".join(
-            f"L{t['layer']}/e{t['expert']}" for t in plan.trimmed[:12]) + (" ..." if len(plan.trimmed) > 12 else ""))
-    for note in plan.notes:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)

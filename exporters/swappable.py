@@ -373,7 +373,8 @@ def make_swappable(static_dir: Path, dst: Path, pools: dict[str, list], progress
 # the export entry point (hook for `emo-edge export --swappable`)
 # ---------------------------------------------------------------------------------------------------------
 def export_swappable(model: Path, pools: str, budget: str | None, context: int, target: str, precision: str,
-                     out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 4) -> dict:
+                     out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 4,
+                     optimize: str = "balanced") -> dict:
     """Static export of the union of `pools`, then surgery into a swappable bundle at `out`. `budget` is not
     applied to the union (the runtime enforces its own budget); it is recorded. Returns the static report plus
     a "swappable" summary."""
@@ -400,7 +401,7 @@ def export_swappable(model: Path, pools: str, budget: str | None, context: int, 
     with scratch(out, BundleError) as work:  # the union's static bundle lives in our marked scratch dir, removed on any exit
         tmp_static = work / "union-static"
         report = pipeline.export(model, pools, None, context, target, precision, tmp_static, False, verify,
-                                 progress, n_verify)
+                                 progress, n_verify, optimize=optimize)
         with atomic_dir(out, force, error=BundleError) as tmp:
             section = make_swappable(tmp_static, tmp, catalog)
             # no genai_config.json / config.json here: both name model.onnx, which a swappable bundle does not

@@ -230,3 +230,35 @@ def test_known_pool_plus_pending_domain(tmp_path, monkeypatch, variant):
     for layer, kept, own in zip(spec.layers, layers, mine):
         assert set(own) <= set(kept) and len(kept) == min(len(layer.routed_experts), 3 + sizes[layer.index])
     assert not (tmp_path / "home").exists()
+
+
+def test_optimize_option_chooses_among_fitting_plans(tmp_path, dirs):
+    """`--optimize` reaches the planner (the dry-run JSON is make_plan's plan for it); a bad value is one line,
+    exit 2, nothing written."""
+    from emo_edge.names import expected_tensors
+    from emo_edge.spec import spec_from_config
+    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.writer import write_checkpoint
+
+    cwd, outs, home = dirs
+    config = build_config(PRESETS["emo-14b"], layers=2, num_experts=33)
+    spec = spec_from_config(config)
+    shapes = {k.hf_name: s for k, s in expected_tensors(spec).items()}
+    root = write_checkpoint(tmp_path / "l2", config, shapes, None, dtype="bf16", shard_size=5_000_000_000)
+    pool = tmp_path / "P.json"
+    pool.write_text(json.dumps({"layers": [list(range(32))] * 2}))
+    base = ("export", "--model", str(root), "--pools", str(pool), "--budget", "4GB", "--dry-run")
+    plans = {}
+    for opt in ("balanced", "quality", "speed"):
+        r = cli(*base, "--json", "--optimize", opt, cwd=cwd, home=home)
+        assert r.returncode == 0, r.stderr
+        plans[opt] = ExportPlan.from_dict(json.loads(r.stdout)["plan"])
+        want = make_plan(spec, [list(range(32))] * 2, 4_000_000_000, 4096, "cpu", "auto",
+                         identity=CheckpointView(root).identity, optimize=opt)
+        assert plans[opt] == want and plans[opt].optimize == opt
+    assert plans["speed"].speed["tok_s"] >= plans["balanced"].speed["tok_s"] > plans["quality"].speed["tok_s"]
+    text = cli(*base, cwd=cwd, home=home)
+    assert f"{plans['balanced'].speed['tok_s']:.1f} tok/s" in text.stdout and "optimize balanced" in text.stdout
+    bad = cli(*base, "--optimize", "fast", cwd=cwd, home=home)
+    assert bad.returncode == 2 and "'fast' is not one of" in only_line(bad.stderr)
+    assert list(cwd.iterdir()) == [] and list(outs.iterdir()) == []

@@ -210,3 +210,150 @@ def test_interrupted_export_leaves_nothing(variant, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _export(variant("shared1"), "all", tmp_path / "int")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- KV cache dtype, layouts and the planner's bytes against real bundles ----------------------------------
+def _ort_logits(model_onnx, ids):
+    """Logits of one sequence straight from onnxruntime, the empty KV cache typed from the graph's inputs."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(model_onnx), providers=["CPUExecutionProvider"])
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    kv = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), types[i.type])
+            kv[i.name] = i.type
+    outs = {o.name: o.type for o in sess.get_outputs()}
+    return sess.run(["logits"], feed)[0][0], kv, outs
+
+
+@pytest.mark.parametrize("name", ["shared1", "gqa_bias_headdim"])  # GroupQueryAttention / plain attention ops
+def test_fp16_kv_cache_graph(variant, tmp_path, name):
+    """Quantized plans get a float16 KV cache ('tensor(float16)' past/present), all-fp32 plans keep float32; the
+    fp16 cache changes the logits by fp16 rounding only (same bundle rebuilt with a float32 cache)."""
+    import dataclasses
+
+    from emo_edge.export.pipeline import export
+    from targets import get_target
+
+    ckpt = variant(name)
+    ids = [5, 17, 99, 3, 250, 7, 42, 8]
+    half, f32 = tmp_path / "half", tmp_path / "f32"
+    r = export(ckpt, "all", None, CTX, "cpu", "int4", half, False, False, progress=False)
+    assert r["plan"]["kv_cache_dtype"] == "float16"
+    export(ckpt, "all", None, CTX, dataclasses.replace(get_target("cpu"), kv_cache_dtype="float32"), "int4", f32,
+           False, False, progress=False)
+    a, kv, outs = _ort_logits(half / "model.onnx", ids)
+    b, kv32, _ = _ort_logits(f32 / "model.onnx", ids)
+    assert set(kv.values()) == {"tensor(float16)"} and set(kv32.values()) == {"tensor(float)"}
+    assert {t for n, t in outs.items() if n.startswith("present.")} == {"tensor(float16)"}
+    assert outs["logits"] == "tensor(float)"
+    assert np.abs(a - b).max() <= 2e-2 * (b.max() - b.min())
+    exact = export(ckpt, "all", None, CTX, "cpu", "fp32", tmp_path / "exact", False, False, progress=False)
+    assert exact["plan"]["kv_cache_dtype"] == "float32"
+    assert set(_ort_logits(tmp_path / "exact" / "model.onnx", ids)[1].values()) == {"tensor(float)"}
+
+
+@pytest.mark.parametrize("name,precision", [("shared1", "int4"), ("mha_tied", "int4"), ("per_layer_dense", "int8"),
+                                            ("shared2", "fp16")])
+def test_planned_file_bytes_are_the_bundles(variant, tmp_path, name, precision):
+    """The plan's file bytes are exactly the weights the exporter wrote (tied heads included: their own copy;
+    implicit router rows only where the graph has them)."""
+    import onnx
+
+    from emo_edge.export.pipeline import export
+
+    out = tmp_path / "b"
+    r = export(variant(name), "all", None, CTX, "cpu", precision, out, False, False, progress=False)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    written = 0
+    for t in m.graph.initializer:  # weights and caches: every float/uint8 initializer that is not a scalar
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if t.data_type == onnx.TensorProto.INT64 or n <= 1:
+            continue  # shapes, axes, split sizes; scalar constants (mask value, scale, ...)
+        length = [int(e.value) for e in t.external_data if e.key == "length"]
+        written += length[0] if length else len(t.raw_data)
+    assert r["plan"]["plan"]["bytes"]["weights"] == written, (r["plan"]["plan"]["bytes"], written)
+
+
+def test_onnxruntime_genai_runs_fp16_kv_bundle(tmp_path):
+    """onnxruntime-genai takes the KV cache type from the graph's inputs: an int4 bundle of the embedded model with
+    its float16 cache runs unchanged and generates the engine's greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from emo_edge.engine import StaticEngine
+    from emo_edge.export.pipeline import export
+
+    out = tmp_path / "b"
+    export(ROOT / "emo_edge" / "models" / "emo-tiny", "math,code", None, 256, "cpu", "int4", out, False, False,
+           progress=False)
+    assert set(_ort_logits(out / "model.onnx", [5])[1].values()) == {"tensor(float16)"}
+    ids = [5, 17, 99, 3, 250, 42]
+    m = og.Model(str(out))
+    p = og.GeneratorParams(m)
+    p.set_search_options(max_length=30, do_sample=False)
+    g = og.Generator(m, p)
+    g.append_tokens(np.array(ids, dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    seq = [int(t) for t in g.get_sequence(0)]
+    assert seq == ids + StaticEngine(out).generate(ids, max_tokens=len(seq) - len(ids), ignore_eos=True).ids
+
+
+def test_int8_kv_cache_calibrated_scales(variant, tmp_path):
+    """An int8 KV cache (the planner's choice when float16 does not fit): GroupQueryAttention's native int8 cache
+    with per-channel k_scale / v_scale calibrated on the built-in calibration text. The scales equal an
+    independent computation (the reference's own KV cache of each calibration document), and the logits stay
+    close to the same bundle with a float16 cache."""
+    import dataclasses
+
+    import onnx
+    import torch
+
+    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.export import kv_scales
+    from emo_edge.export.pipeline import export
+    from emo_edge.pools.calib import load_calibration
+    from emo_edge.reference import Reference
+    from emo_edge.tokenizer import TextTokenizer
+    from targets import get_target
+
+    ckpt = variant("shared1")
+    cpu = get_target("cpu")
+    q8, q16 = tmp_path / "q8", tmp_path / "q16"
+    r = export(ckpt, "all", None, CTX, dataclasses.replace(cpu, kv_cache_dtype="int8", kv_cache_dtypes=("int8",)),
+               "int4", q8, False, False, progress=False)
+    export(ckpt, "all", None, CTX, cpu, "int4", q16, False, False, progress=False)
+    assert r["plan"]["kv_cache_dtype"] == "int8" and r["kv_calibration"]["margin"] == kv_scales.MARGIN
+    ids = [5, 17, 99, 3, 250, 7, 42, 8]
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(q8 / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    assert {i.type for i in past} == {"tensor(int8)"}
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    feed.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.int8) for i in past})
+    got = sess.run(["logits"], feed)[0][0]
+    want = _ort_logits(q16 / "model.onnx", ids)[0]
+    assert np.abs(got - want).max() <= 5e-2 * (want.max() - want.min())
+    # the scales: absmax over every calibration token of the reference's cached k (after RoPE) and v
+    view = CheckpointView(ckpt)
+    ref = Reference(view, pool=None)
+    cal = load_calibration(sorted(kv_scales.CALIB_DIR.glob("*.jsonl")), TextTokenizer(ckpt / "tokenizer.json"),
+                           max_tokens=kv_scales.CALIB_TOKENS, max_docs=kv_scales.CALIB_DOCS)
+    L, n = view.spec.num_layers, view.spec.num_kv_heads * view.spec.head_dim
+    amax = np.zeros((L, 2, n))
+    for doc in cal.docs:
+        cache: list = []
+        with torch.no_grad():
+            ref.forward(torch.tensor([doc]), cache)
+        for i, (k, v) in enumerate(cache):
+            for j, t in enumerate((k, v)):
+                amax[i, j] = np.maximum(amax[i, j], t[0].abs().amax(dim=1).double().numpy().reshape(-1))
+    m = onnx.load(str(q8 / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    for i in range(L):
+        for j, name in enumerate(("k_scale", "v_scale")):
+            np.testing.assert_allclose(inits[f"/model/layers.{i}/attn/{name}"], amax[i, j] * kv_scales.MARGIN / 127,
+                                       rtol=1e-5)

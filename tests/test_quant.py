@@ -312,3 +312,134 @@ def test_float_moe_emo_shared_routing():
     y = _session(nodes, inits + i2, {"x": x}, "y")
     ref = emo_reference(x, router, g, u, d, "shared", K)
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------- layouts: block sizes and float16 scales
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_qmoe_layouts_with_fp32_activations(block, sym, scale_dtype):
+    """QMoE takes float16 scales (its T2) with float32 input and any power-of-two block: exact (acc 0) against
+    EMO's routing over the dequantized experts (dequantize applies the stored float16 scales)."""
+    global H, I
+    rng = np.random.default_rng(11)
+    old = H, I
+    H, I = 256, 128
+    try:
+        g, u, d = _experts(rng, E_ROUTED + 1)
+        qw, qts = pack_qmoe(g, u, d, QuantScheme(4, block, sym, scale_dtype))
+        assert qw.fc1_scales.dtype == np.dtype(scale_dtype)
+        router = rng.standard_normal((E_ROUTED + 1, H)).astype(np.float32) * 0.1
+        x = rng.standard_normal((4, H)).astype(np.float32)
+        y = _moe_graph(x, router, qw, "shared", K)
+        ref = emo_reference(x, router, *_dequant_experts(qts), "shared", K)
+    finally:
+        H, I = old
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_matmulnbits_scales_must_match_the_activations():
+    """Why the MatMulNBits parts keep float32 scales (targets.FP16_SCALE_COMPONENTS): onnxruntime binds its scales
+    to the type of A, so float16 scales with float32 activations do not load."""
+    qt = quantize_blockwise(np.ones((16, 64), np.float32), QuantScheme(4, 32, True, "float16"))
+    nodes, inits, out = ort_ops.matmul_nbits("/t", "x", qt, 0)
+    with pytest.raises(Exception, match="T1"):
+        _session(nodes, inits, {"x": np.ones((1, 64), np.float32)}, out)
+
+
+def test_gather_block_quantized_fp16_scales_returns_fp16_rows():
+    """GatherBlockQuantized returns rows in its scales' dtype: float16 scales give float16(dequantize(W)[ids])
+    (the exporter Casts them to float32)."""
+    rng = np.random.default_rng(12)
+    scheme = QuantScheme(4, 32, False, "float16")
+    qt, data = gather_block_quantized_inputs(rng.standard_normal((40, 64)).astype(np.float32), scheme)
+    nodes, inits, out = ort_ops.gather_block_quantized("/e", "ids", data, scheme)
+    ids = np.array([[3, 39, 0]], np.int64)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT16, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y, dequantize(qt)[ids].astype(np.float16))
+
+
+# ---------------------------------------------------------------- GroupQueryAttention and the KV cache dtype
+
+def _gqa(t_io, t_cache, extra_inputs=(), **attrs):
+    nh, kvh, hd = 4, 2, 64
+    f = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+    ins = [helper.make_tensor_value_info(n, t_io, [1, "S", w]) for n, w in (("q", nh * hd), ("k", kvh * hd),
+                                                                           ("v", kvh * hd))]
+    ins += [helper.make_tensor_value_info(n, t_cache, [1, kvh, "P", hd]) for n in ("pk", "pv")]
+    ins += [helper.make_tensor_value_info("sl", TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("tl", TensorProto.INT32, []),
+            helper.make_tensor_value_info("cos", t_io, [64, hd // 2]),
+            helper.make_tensor_value_info("sin", t_io, [64, hd // 2])]
+    ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in extra_inputs]
+    names = ["q", "k", "v", "pk", "pv", "sl", "tl", "cos", "sin"] + (["", "", ""] + list(extra_inputs)
+                                                                    if extra_inputs else [])
+    node = helper.make_node("GroupQueryAttention", names, ["o", "prk", "prv"], domain="com.microsoft", num_heads=nh,
+                            kv_num_heads=kvh, do_rotary=1, **attrs)
+    outs = [helper.make_tensor_value_info("o", t_io, None), helper.make_tensor_value_info("prk", t_cache, None),
+            helper.make_tensor_value_info("prv", t_cache, None)]
+    m = helper.make_model(helper.make_graph([node], "g", ins, outs),
+                          opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 11
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    del f
+    return lambda **feed: sess.run(None, feed)
+
+
+def _gqa_feed(rng, past: int, dt=np.float32):
+    ang = rng.standard_normal((64, 32))
+    return dict(q=rng.standard_normal((1, 1, 256)).astype(dt), k=rng.standard_normal((1, 1, 128)).astype(dt),
+                v=rng.standard_normal((1, 1, 128)).astype(dt), sl=np.array([past], np.int32),
+                tl=np.array(past + 1, np.int32), cos=np.cos(ang).astype(dt), sin=np.sin(ang).astype(dt))
+
+
+def test_gqa_fp16_cache_what_the_exporter_emits():
+    """The exporter's fp16-KV attention (Cast q/k/v to fp16, GQA all in fp16, Cast back) against fp32 GQA on
+    the same inputs: fp16 rounding only; present keeps the past rows bit for bit."""
+    rng = np.random.default_rng(13)
+    feed = _gqa_feed(rng, 40)
+    pk, pv = (rng.standard_normal((1, 2, 40, 64)).astype(np.float16) for _ in range(2))
+    ref = _gqa(TensorProto.FLOAT, TensorProto.FLOAT)(**feed, pk=pk.astype(np.float32), pv=pv.astype(np.float32))
+    half = _gqa(TensorProto.FLOAT16, TensorProto.FLOAT16)(**{k: (v.astype(np.float16) if v.dtype == np.float32 else v)
+                                                            for k, v in feed.items()}, pk=pk, pv=pv)
+    assert half[1].dtype == np.float16 and np.array_equal(half[1][:, :, :40], pk)
+    np.testing.assert_allclose(half[0].astype(np.float32), ref[0], rtol=0, atol=5e-3 * np.abs(ref[0]).max())
+    np.testing.assert_allclose(half[1][:, :, 40:].astype(np.float32), ref[1][:, :, 40:], rtol=2e-3, atol=2e-3)
+
+
+def test_gqa_cpu_runs_mixed_and_int8_caches_natively():
+    """What onnxruntime 1.32's CPU GroupQueryAttention accepts (pinned, not used by default): fp32 q/k/v with an
+    fp16 cache (exactly fp32 attention over the fp16-rounded cache; slow: see bench/quant_layout.py kv --mixed),
+    and an int8 cache with a static per-tensor scale (k_scale/v_scale inputs): codes rint(k_rotated / scale)."""
+    rng = np.random.default_rng(14)
+    feed = _gqa_feed(rng, 30)
+    pk, pv = (rng.standard_normal((1, 2, 30, 64)).astype(np.float32) for _ in range(2))
+    ref16 = _gqa(TensorProto.FLOAT, TensorProto.FLOAT)(**feed, pk=pk.astype(np.float16).astype(np.float32),
+                                                       pv=pv.astype(np.float16).astype(np.float32))
+    mixed = _gqa(TensorProto.FLOAT, TensorProto.FLOAT16)(**feed, pk=pk.astype(np.float16), pv=pv.astype(np.float16))
+    np.testing.assert_array_equal(mixed[0], ref16[0])
+    s = np.float32(0.03)
+    q8 = lambda a: np.clip(np.rint(a / s), -127, 127).astype(np.int8)  # noqa: E731
+    ref8 = _gqa(TensorProto.FLOAT, TensorProto.FLOAT)(**feed, pk=q8(pk) * s, pv=q8(pv) * s)
+    run8 = _gqa(TensorProto.FLOAT, TensorProto.INT8, ("ks", "vs"), k_quant_type="PER_TENSOR",
+                v_quant_type="PER_TENSOR", kv_cache_bit_width=8)
+    got = run8(**feed, pk=q8(pk), pv=q8(pv), ks=np.array([s]), vs=np.array([s]))
+    assert got[1].dtype == np.int8 and np.array_equal(got[1][:, :, :30], q8(pk))
+    np.testing.assert_array_equal(got[1][:, :, 30:], q8(ref8[1][:, :, 30:]))
+    # the output is attention over the dequantized present (new row included), computed here in float64
+    pos, hd = 30, 64
+    c, si = feed["cos"][pos].astype(np.float64), feed["sin"][pos].astype(np.float64)
+    q = feed["q"][0, 0].astype(np.float64).reshape(4, hd)
+    q = q * np.concatenate([c, c]) + np.concatenate([-q[:, 32:], q[:, :32]], 1) * np.concatenate([si, si])
+    keys, vals = got[1][0].astype(np.float64) * s, got[2][0].astype(np.float64) * s  # [kv, 31, hd]
+    want = []
+    for h in range(4):
+        a = keys[h // 2] @ q[h] / np.sqrt(hd)
+        w = np.exp(a - a.max())
+        want.append((w / w.sum()) @ vals[h // 2])
+    np.testing.assert_allclose(got[0][0, 0], np.concatenate(want), rtol=0, atol=1e-5)

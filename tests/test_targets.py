@@ -35,3 +35,41 @@ def test_unknown_target_lists_known():
         targets.get_target("riscv")
     for name in targets.TARGETS:
         assert name in str(err.value)
+
+
+def test_layouts_and_speed_schema(tmp_path):
+    """Per-component layouts override the default one; a float16 scale is refused where the operator is a
+    MatMulNBits (its scales must be of the activation type); the speed model's fields are typed."""
+    import json
+
+    from targets import _DIR, FP16_SCALE_COMPONENTS, Layout, load_target
+
+    good = json.loads((_DIR / "cpu.json").read_text())
+    f = tmp_path / "cpu.json"
+    f.write_text(json.dumps({**good, "layouts": {"experts": {"block_size": 32, "symmetric": False,
+                                                              "scale_dtype": "float16"}}}))
+    t = load_target(f)
+    assert t.layout("experts") == Layout(32, False, "float16")
+    assert t.layout("attention") == Layout(good["block_size"], good["symmetric"], good["scale_dtype"])
+    assert set(FP16_SCALE_COMPONENTS) == {"experts", "embedding"}
+    for change, needle in [({"layouts": {"attention": {"block_size": 64, "symmetric": True, "scale_dtype": "float16"}}},
+                            "layouts.attention"),
+                           ({"layouts": {"mlp": {"block_size": 64, "symmetric": True, "scale_dtype": "float32"}}},
+                            "unknown component"),
+                           ({"layouts": {"experts": {"block_size": 48, "symmetric": True, "scale_dtype": "float32"}}},
+                            "power of two"),
+                           ({"scale_dtype": "float16"}, "the default layout"),
+                           ({"speed": {**good["speed"], "balanced_fraction": 1.5}}, "balanced_fraction"),
+                           ({"speed": {**good["speed"], "bandwidth": {"fp32": 1, "int8": 1}}}, "bandwidth.int4"),
+                           ({"kv_cache_dtype": "int4"}, "kv_cache_dtype")]:
+        f.write_text(json.dumps({**good, **change}))
+        with pytest.raises(EmoEdgeError) as err:
+            load_target(f)
+        assert str(f) in str(err.value) and needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(targets.TARGETS))
+def test_speed_model_is_complete(name):
+    s = targets.get_target(name).speed
+    assert set(s.bandwidth) == {"fp32", "int8", "int4"} and all(v > 0 for v in s.bandwidth.values())
+    assert 0 < s.balanced_fraction <= 1 and s.layer_s > 0 and s.context_tokens > 0 and s.enough_tok_s > 0

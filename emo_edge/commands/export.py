@@ -19,6 +19,7 @@ from ..errors import BudgetError, EmoEdgeError, PoolError
 from .options import BUDGET_HELP, check_pool_names, model_option, parse_budget
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+OPTIMIZE = ("balanced", "quality", "speed")  # emo_edge/plan.py OPTIMIZE (not imported: the CLI loads light)
 
 
 def check_precision(precision: str, target) -> None:
@@ -72,6 +73,11 @@ def register(cli: click.Group) -> None:
     @click.option("--target", default="cpu", show_default=True, help="Target (cpu, arm64).")
     @click.option("--precision", default="auto", show_default=True,
                   help="auto|fp32|fp16|int8|int4, or per component: experts=int4,attention=int8,...")
+    @click.option("--optimize", type=click.Choice(OPTIMIZE), default="balanced", show_default=True,
+                  help="How --precision auto chooses among the plans that fit: balanced (the most accurate whose "
+                  "estimated decode speed is at least the target's balanced_fraction of the fastest's, 95% on cpu, "
+                  "or fast enough anyway), quality (the most accurate), speed (the fastest). The plan shows the "
+                  "estimate.")
     @click.option("--out", default=None, help="Bundle directory (default ./bundles/<model>-<pools>-<precision>).")
     @click.option("--force", is_flag=True, help="Replace an existing bundle directory (only an emo-edge bundle).")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Check against the reference.")
@@ -82,21 +88,22 @@ def register(cli: click.Group) -> None:
                   "and write nothing: no pool is discovered, no weight read.")
     @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON on stdout (the "
                   "dict a bundle's report.json stores under 'plan'), nothing else.")
-    def export_cmd(model, pools, budget, context, target, precision, out, force, verify, swappable, dry_run,
-                   as_json):
+    def export_cmd(model, pools, budget, context, target, precision, optimize, out, force, verify, swappable,
+                   dry_run, as_json):
         """Export a verified ONNX bundle of the model restricted to the pools' experts."""
         if as_json and not dry_run:
             raise EmoEdgeError("--json needs --dry-run (an export prints its summary; the bundle's report.json "
                                "holds the plan)")
         path = preflight(model, pools, budget, context, target, precision, out, force, swappable)
         if dry_run:
-            return print_dry_run(path, pools, budget, context, target, precision, out, force, swappable, as_json)
+            return print_dry_run(path, pools, budget, context, target, precision, out, force, swappable, as_json,
+                                 optimize)
         from ..export.pipeline import export, rss_peak
 
         if swappable:
             from exporters.swappable import export_swappable as export
         report = export(path, pools, budget, context, target, precision, Path(out) if out is not None else None,
-                        force, verify)
+                        force, verify, optimize=optimize)
         for line in summary_lines(report):
             click.echo(line)
         click.echo(f"export peak RSS: {fmt_peak(report.get('peak_rss_build_bytes'))} after the build stage, "
@@ -127,7 +134,8 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def print_dry_run(path, pools, budget, context, target, precision, out, force, swappable, as_json) -> None:
+def print_dry_run(path, pools, budget, context, target, precision, out, force, swappable, as_json,
+                  optimize="balanced") -> None:
     """`export --dry-run [--json]`: the plan on stdout; the pools that would be discovered first on stderr with
     --json (stdout holds the JSON alone), on stdout otherwise."""
     import json
@@ -136,7 +144,7 @@ def print_dry_run(path, pools, budget, context, target, precision, out, force, s
     from ..export.pipeline import dry_run, plan_summary
 
     planned, dest = dry_run(path, pools, budget, context, target, precision,
-                            Path(out) if out is not None else None, force, swappable)
+                            Path(out) if out is not None else None, force, swappable, optimize)
     if as_json:
         for line in pending_lines(planned.pending):
             progress.note(line)

@@ -151,7 +151,8 @@ def report_md(report: dict) -> str:
              f"- pools: {', '.join(p['name'] for p in report['pools'])}; target: {report['target']}",
              f"- precision: attention {plan['precision']['attention']}, experts {plan['precision']['experts']}, "
              f"embedding {plan['precision']['embedding']}, lm_head {plan['precision']['lm_head']}, router fp32"
-             + (f"; block size {plan['block_size']}" if {"int8", "int4"} & set(plan["precision"].values()) else ""),
+             + (f"; experts block size {plan['block_size']}" if {"int8", "int4"} & set(plan["precision"].values())
+                else "") + f"; KV cache {plan.get('kv_cache_dtype', 'float32')}",
              f"- context: {plan['context']} tokens; budget: "
              f"{fmt_bytes(plan['budget_bytes']) if plan['budget_bytes'] else 'none'}; estimate "
              f"{fmt_bytes(plan['estimated_bytes'])}",

@@ -84,7 +84,8 @@ def stage_bar(progress: bool, total: float, desc: str, unit: str):
     return progress_out.bar(total, desc, unit) if progress else progress_out._Silent()
 
 
-def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> dict:
+def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool, kv_scales=None) -> dict:
+    """`kv_scales`: the int8 KV cache's calibrated scales (export/kv_scales.py) when the plan has one."""
     from exporters import onnx as onnx_exporter
 
     from . import weights
@@ -95,7 +96,8 @@ def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool) -> 
                                    spec.norm_topk_prob, plan.context)
     pr = plan.precision
     prec = onnx_exporter.Precision(pr["attention"], pr["experts"], pr["embedding"], pr["lm_head"],
-                                   plan.block_size, plan.accuracy_level, plan.symmetric, plan.scale_dtype)
+                                   dict(plan.layouts), plan.accuracy_level, plan.kv_cache_dtype,
+                                   None if kv_scales is None else kv_scales.scales)
     cos, sin = rope_caches(spec, plan.context)
     b = onnx_exporter.DecoderBuilder(dst, dims, prec, cos, sin)
     emb_rows = lambda a, c: view.tensor(TensorKey("embed"), rows=np.arange(a, c)).numpy()  # noqa: E731
@@ -136,7 +138,7 @@ class Planned:
 
 
 def plan_export(view: CheckpointView, pools: str, budget: str | None, context: int | None, target: str,
-                precision: str, progress: bool = True, discover: bool = True) -> Planned:
+                precision: str, progress: bool = True, discover: bool = True, optimize: str = "balanced") -> Planned:
     """resolve pools (discovering built-in domains the catalog lacks, unless `discover` is False) -> plan.
     Reads no weight except through discovery; with `discover=False` it reads only headers, catalog entries and
     pool files, and writes nothing."""
@@ -156,7 +158,7 @@ def plan_export(view: CheckpointView, pools: str, budget: str | None, context: i
         layers, pool_desc, scores, pending = planning.peek_pool_layers(view, pools, spec)
     if context < 8:
         raise EmoEdgeError(f"--context {context} is too small")
-    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, expert_scores=scores,
+    plan = make_plan(spec, layers, budget_bytes, context, tgt, precision, expert_scores=scores, optimize=optimize,
                      identity=view.identity)
     if pending:
         plan = dataclasses.replace(plan, notes=[*plan.notes, planning.pending_note(spec, pending)])
@@ -164,14 +166,16 @@ def plan_export(view: CheckpointView, pools: str, budget: str | None, context: i
 
 
 def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
-           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int | None = None) -> dict:
-    """`n_verify`: held-out sequences to verify on (None: by model size, see export/verify.py verify_sample)."""
+           out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int | None = None,
+           optimize: str = "balanced") -> dict:
+    """`n_verify`: held-out sequences to verify on (None: by model size, see export/verify.py verify_sample);
+    `optimize`: how `auto` chooses among fitting plans (balanced | quality | speed, see emo_edge/plan.py)."""
     t0 = time.perf_counter()
     if out is not None:  # fail before any work; checked again at the rename
         check_target(out, force)
     view = CheckpointView(model)
     spec = view.spec
-    planned = plan_export(view, pools, budget, context, target, precision, progress)
+    planned = plan_export(view, pools, budget, context, target, precision, progress, optimize=optimize)
     plan, pool_desc, tgt, context = planned.plan, planned.pools, planned.target, planned.plan.context
     if progress:
         progress_out.note(format_plan(plan))
@@ -180,8 +184,19 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
     timings = {}
     try:
         with atomic_dir(out, force, error=BundleError) as tmp:
+            kv = None
+            if plan.kv_cache_dtype == "int8":
+                from . import kv_scales
+
+                t = time.perf_counter()
+                bar = stage_bar(progress, spec.num_layers, "export: calibrate int8 KV cache", "layer")
+                try:
+                    kv = kv_scales.calibrate(view, layers, progress=bar.update)
+                finally:
+                    bar.close()
+                timings["kv_calibration"] = time.perf_counter() - t
             t = time.perf_counter()
-            sizes = build(view, plan, tmp, progress)
+            sizes = build(view, plan, tmp, progress, kv)
             timings["build"] = time.perf_counter() - t
             peak = rss_peak()
             bundle_writer.copy_tokenizer(Path(model), tmp, context)
@@ -201,6 +216,7 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
                       "pools": pool_desc, "target": tgt.name, "plan": plan_summary(plan),
                       "experts_per_layer": [None if e is None else len(e) for e in layers],
                       "sizes": sizes, "verification": result, "peak_rss_build_bytes": peak,
+                      "kv_calibration": None if kv is None else kv.provenance,
                       "peak_rss_bytes": rss_peak(),
                       "timings_s": {**timings, "total": time.perf_counter() - t0}}
             bundle_writer.write_json(tmp / "report.json", report)
@@ -223,7 +239,9 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
 
 def plan_summary(plan: ExportPlan) -> dict:
     """The fields report.md shows."""
-    return {"precision": dict(plan.precision), "block_size": plan.block_size, "context": plan.context,
+    return {"precision": dict(plan.precision), "block_size": plan.layouts["experts"]["block_size"],
+            "layouts": dict(plan.layouts), "kv_cache_dtype": plan.kv_cache_dtype, "speed": dict(plan.speed),
+            "context": plan.context,
             "budget_bytes": plan.budget, "estimated_bytes": plan.bytes.get("total", 0), "trimmed": plan.trimmed,
             "notes": plan.notes, "table": format_plan(plan), "plan": plan.to_dict()}
 
@@ -251,12 +269,14 @@ def verify_mod():
 
 
 def dry_run(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
-            out: Path | None, force: bool, swappable: bool = False) -> tuple[Planned, Path]:
+            out: Path | None, force: bool, swappable: bool = False, optimize: str = "balanced"
+            ) -> tuple[Planned, Path]:
     """The plan `export` would follow and the bundle path it would write (checked as the export checks it):
     no pool is discovered, no weight read, nothing written. `swappable`: the plan of the pools' union that the
     swappable export builds (with no budget: `chat --budget` applies one at run time)."""
     view = CheckpointView(model)
-    planned = plan_export(view, pools, None if swappable else budget, context, target, precision, discover=False)
+    planned = plan_export(view, pools, None if swappable else budget, context, target, precision, discover=False,
+                          optimize=optimize)
     if out is None:
         out = default_out(model, pools, precision + "-swappable" if swappable else plan_label(planned.plan))
     return planned, check_target(out, force)
