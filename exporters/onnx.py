@@ -7,6 +7,8 @@ offsets aligned to 64 bytes), so only the layer being emitted is held in memory.
 Graph I/O (onnxruntime-genai / optimum names):
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
     past_key_values.{i}.key / .value [B, kv, P, hd]  ->  logits [B, S, V], present.{i}.key / .value [B, kv, P+S, hd]
+    logits_to_keep [1] int64, optional (an initializer of default 0 = every position; n > 0: logits of the last n
+    positions only, [B, n, V]: what the engine's prefill asks for)
 The KV cache (past_key_values.* / present.*) is float32, float16 or int8 (`Precision.kv_cache_dtype`, from the
 plan): 'tensor(float)', 'tensor(float16)' or 'tensor(int8)' as onnxruntime reports the graph inputs; loaders take
 it from there. An int8 cache holds rint(x / scale) per (kv head, dim) with the static scales of the graph's
@@ -40,6 +42,8 @@ from .onnx_attention import AttentionMixin
 from .onnx_graph import (  # noqa: F401  (re-exported: the exporter's API)
     ALIGN, DEFAULT_LAYOUT, INLINE_MAX, MS, OPSET, ExportWriteError, ExternalData, Graph, Precision,
 )
+
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,7 +326,7 @@ class DecoderBuilder(AttentionMixin):
     def head(self, final_norm: np.ndarray, rows: Callable[[int, int], np.ndarray], chunk: int = 8192) -> None:
         """h --final norm--> x [B,S,H] --Reshape--> [N,H] --Gemm(transB) | MatMulNBits--> --Reshape--> logits"""
         g, d, p = self.g, self.d, "/model/lm_head"
-        x = self._norm("/model/norm", final_norm)
+        x = self._keep_last(self._norm("/model/norm", final_norm))
         scheme = self.prec.scheme("lm_head", matmul=True)
         spans = [(a, min(d.vocab, a + chunk)) for a in range(0, d.vocab, chunk)]
         if scheme is None:
@@ -365,6 +369,21 @@ class DecoderBuilder(AttentionMixin):
                                         domain=MS, K=d.hidden, N=d.vocab, bits=scheme.bits,
                                         block_size=scheme.block_size, accuracy_level=self.prec.accuracy_level))
 
+    def _keep_last(self, x: str) -> str:
+        """Only the last `logits_to_keep` positions reach the lm_head (0, its default, keeps all):
+
+            logits_to_keep [1] (graph input, default initializer 0) --Neg--> start
+            x [B,S,H] --Slice(axis 1, start..end)--> [B,S',H]
+        A prefill reads the last token's logits only, so neither the [S, vocab] logits nor their lm_head
+        matmul are paid for the prompt; callers that feed nothing (onnxruntime-genai, optimum, verification)
+        get every position as before."""
+        g, p = self.g, "/model/logits_to_keep"
+        g.init(LOGITS_TO_KEEP, np.array([0], np.int64))
+        start = g.one("Neg", [LOGITS_TO_KEEP], f"{p}/Neg")
+        end = g.init(f"{p}/end", np.array([np.iinfo(np.int64).max], np.int64))
+        axes = g.init(f"{p}/axes", np.array([1], np.int64))
+        return g.one("Slice", [x, start, end, axes], f"{p}/Slice")
+
     # ---- finish ---------------------------------------------------------------------------------------
     def save(self) -> Path:
         d = self.d
@@ -376,8 +395,9 @@ class DecoderBuilder(AttentionMixin):
                                                   ["batch_size", "total_sequence_length"]),
                     helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
         graph_in += [kv(n) for n in ins[3:]]
+        graph_in.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))  # overridable
         graph_out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                   ["batch_size", "sequence_length", d.vocab])]
+                                                   ["batch_size", "logits_length", d.vocab])]
         graph_out += [kv(n) for n in outs[1:]]
         graph = helper.make_graph(self.g.nodes, "emo_decoder", graph_in, graph_out, self.g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],

@@ -142,3 +142,24 @@ def test_serve_runs_a_static_bundle_through_the_same_engine(bundles, tmp_path):
             client.completions.create(model=f"{name}:code", prompt="x", max_tokens=2)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_prefill_computes_the_last_logits_only(bundles, kind):
+    """The graph's optional logits_to_keep input: unfed (onnxruntime-genai, optimum, `logits`) it keeps every
+    position; the session's prefill asks for the last only, and gets the last row of the full run."""
+    import onnx
+
+    eng = StaticEngine(bundles[kind])
+    g = onnx.load(str(bundles[kind] / "model.onnx"), load_external_data=False).graph
+    assert "logits_to_keep" in {i.name for i in g.input} and "logits_to_keep" in {t.name for t in g.initializer}
+    assert "logits_to_keep" not in {i.name for i in eng.session_.get_inputs()}  # optional: callers need not feed it
+    prompt = [5, 17, 99, 3, 250, 42, 7, 11, 300, 2, 9]
+    full = copy_path_logits(eng, prompt, [])[0]
+    assert full.shape == (len(prompt), eng.vocab_size)
+    s = eng.session(len(prompt))
+    s.prefill_chunk = 4  # chunks 4 + 4 + 3: each returns one row
+    last = s.prefill(prompt)
+    assert last.shape == (1, eng.vocab_size)
+    np.testing.assert_allclose(last[0], full[-1], rtol=0, atol=1e-4 * np.abs(full).max())
+    np.testing.assert_array_equal(eng.session(len(prompt)).feed(prompt), eng.logits(prompt))  # all rows, unchanged

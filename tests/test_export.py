@@ -337,6 +337,17 @@ def test_int8_kv_cache_calibrated_scales(variant, tmp_path):
     got = sess.run(["logits"], feed)[0][0]
     want = _ort_logits(q16 / "model.onnx", ids)[0]
     assert np.abs(got - want).max() <= 5e-2 * (want.max() - want.min())
+    # the engine runs it (its int8 cache shared between past and present): prefill in chunks, then a step, against
+    # onnxruntime's copy-based run of the whole sequence above
+    from emo_edge.engine import StaticEngine
+
+    s = StaticEngine(q8).session(len(ids))
+    s.prefill_chunk = 3
+    assert s.kv.dtype == np.int8 and s.kv.shared
+    last = s.prefill(ids[:-1])
+    step = s.feed(ids[-1:])
+    for mine, theirs in ((last[-1], got[-2]), (step[-1], got[-1])):
+        assert np.abs(mine - theirs).max() <= 1e-3 * (theirs.max() - theirs.min())
     # the scales: absmax over every calibration token of the reference's cached k (after RoPE) and v
     view = CheckpointView(ckpt)
     ref = Reference(view, pool=None)

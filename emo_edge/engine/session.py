@@ -9,7 +9,7 @@ step). The buffers are zero pages until written, so resident KV grows with the t
 
     with engine.serving(pool):
         s = engine.session(capacity=len(prompt) + 64)
-        logits = s.prefill(prompt)          # chunks of `prefill_chunk`; logits (S, V) of the last chunk
+        logits = s.prefill(prompt)          # chunks of `prefill_chunk`; logits (1, V) of the last token
         logits = s.feed([next_token])       # one decode step: (1, V)
 
 Graphs whose attention is not GroupQueryAttention (the exporter's Concat attention, for head sizes the CPU kernel
@@ -30,7 +30,9 @@ import numpy as np
 from ..errors import BundleError
 
 PLAIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+LOGITS_TO_KEEP = "logits_to_keep"  # optional graph input (exporters/onnx.py): logits of the last n positions only
+KEEP_ALL, KEEP_LAST = np.array([0], np.int64), np.array([1], np.int64)
+NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 def kv_names(i: int) -> tuple[str, str, str, str]:
@@ -104,10 +106,18 @@ class BoundGraph:
         for n in self.plain_out:  # bound after the cache: get_outputs() lists them from position n_kv on
             self.io.bind_output(n)
         self.first_out = n_kv
+        if LOGITS_TO_KEEP in self.plain_in:
+            import onnxruntime as ort
+
+            self._keep = {False: ort.OrtValue.ortvalue_from_numpy(KEEP_ALL),
+                          True: ort.OrtValue.ortvalue_from_numpy(KEEP_LAST)}
 
     def run(self, env: dict) -> None:
         io, kv = self.io, self.kv
         for n in self.plain_in:
+            if n == LOGITS_TO_KEEP:  # an overridable initializer: bind_cpu_input looks it up among the inputs only
+                io.bind_ortvalue_input(n, self._keep[bool(env[n][0])])
+                continue
             io.bind_cpu_input(n, env[n] if n in env else kv.arrays[_kv_index(n)])
         for n in self.plain_out:  # re-bound each run: their shapes follow the chunk
             io.bind_output(n)
@@ -161,8 +171,10 @@ class DecodeSession:
     def room(self) -> int:
         return self.kv.capacity - self.kv.length
 
-    def feed(self, ids: Sequence[int]) -> np.ndarray:
-        """Run new tokens after those held; returns their logits (S, V) as float32."""
+    def feed(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Run new tokens after those held; returns their logits (S, V) as float32, or (1, V) of the last token
+        with `last_only` where the graph can skip the others (its `logits_to_keep` input; older bundles give
+        all S rows)."""
         x = np.asarray(ids, np.int64).reshape(1, -1)
         past = self.kv.length
         total = past + x.shape[1]
@@ -173,19 +185,21 @@ class DecodeSession:
         if x.min() < 0 or x.max() >= self.vocab_size:
             raise BundleError(f"token id outside the vocabulary [0, {self.vocab_size})")
         env = {"input_ids": x, "attention_mask": self._mask[:, :total],
-               "position_ids": np.arange(past, total, dtype=np.int64)[None]}
+               "position_ids": np.arange(past, total, dtype=np.int64)[None],
+               LOGITS_TO_KEEP: KEEP_LAST if last_only else KEEP_ALL}
         self.run(env)
         self.kv.length = total
         logits = env["logits"][0]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """The prompt in chunks of at most `prefill_chunk` tokens (bounds the activations and the chunk's
-        [T, vocab] logits, as the planner's overhead formula assumes); returns the last chunk's logits."""
+        """The prompt in chunks of at most `prefill_chunk` tokens (bounds the activations, as the planner's
+        overhead formula assumes); returns the last token's logits (1, V): the graph computes no others (older
+        bundles without `logits_to_keep`: the last chunk's (T, V), of which the last row is the same)."""
         logits = None
         for a in range(0, len(ids), self.prefill_chunk):
-            logits = None  # the last chunk's [T, vocab] logits (~100 MB at 14B width) are not held during the next
-            logits = self.feed(ids[a:a + self.prefill_chunk])
+            logits = None  # an older graph's [T, vocab] chunk logits (~100 MB at 14B width) not held over the next
+            logits = self.feed(ids[a:a + self.prefill_chunk], last_only=True)
         if logits is None:
             raise BundleError("empty prompt: nothing to run")
         return logits

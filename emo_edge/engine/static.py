@@ -9,7 +9,7 @@ from ..errors import BundleError, PoolError
 from ..ort_session import cpu_session
 from .base import MANIFEST, Engine, nothing_swapped
 from .memory import peak_rss, rss
-from .session import BoundGraph, KVCache, kv_dtype, shares_kv
+from .session import LOGITS_TO_KEEP, BoundGraph, KVCache, kv_dtype, shares_kv
 
 
 class StaticEngine(Engine):
@@ -64,7 +64,9 @@ class StaticEngine(Engine):
         self._check_inputs(genai)
         self.kv_dtype = kv_dtype([self.session_], f"{genai}: the decoder graph")
         self.kv_shared = shares_kv(self.head_dim)
-        self._inputs = [i.name for i in self.session_.get_inputs()]
+        # + logits_to_keep where the graph has it (an overridable initializer: not among get_inputs())
+        self._inputs = [i.name for i in self.session_.get_inputs()] + [
+            i.name for i in self.session_.get_overridable_initializers() if i.name == LOGITS_TO_KEEP]
         self._outputs = [o.name for o in self.session_.get_outputs()]
         self._tok = None
         self.loaded_rss = rss()
