@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 from .errors import BudgetError, BundleError, EmoEdgeError
 from .plan_bytes import (  # noqa: F401  (matrix_bytes, kv_cache_bytes: part of this module's API)
     BITS, COMPONENTS, component_bytes, decode_bytes, decode_estimate, effective_layouts, kv_cache_bytes, kv_dtypes,
-    matrix_bytes, qmoe_scale_upcast, quantizable, resident_bytes, rope_bytes, rope_dtype,
+    matrix_bytes, prepacked_extra, quantizable, resident_bytes, rope_bytes, rope_dtype,
 )
 from .plan_format import format_plan  # noqa: F401  (part of this module's API)
 from .spec import EmoSpec, check_context
@@ -132,7 +132,8 @@ def weight_bytes(spec: EmoSpec, experts: Sequence[Sequence[int] | None], implici
     layouts = effective_layouts(spec, target) if layouts is None else layouts
     comp = component_bytes(spec, experts, implicit, precision, layouts, target)
     comp["rope"] = 0
-    return comp, resident_bytes(comp, precision, target, qmoe_scale_upcast(spec, experts, precision, layouts))
+    return comp, resident_bytes(comp, precision, target,
+                                prepacked_extra(spec, experts, implicit, precision, layouts, target))
 
 
 def _totals(spec, experts, implicit, precision, context, target, layouts) -> dict[str, int]:
@@ -144,8 +145,8 @@ def _totals(spec, experts, implicit, precision, context, target, layouts) -> dic
         comp["kv_scales"] = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
     out = dict(comp)
     out["weights"] = sum(comp.values())
-    out["weights_resident"] = resident = resident_bytes(comp, precision, target,
-                                                        qmoe_scale_upcast(spec, experts, precision, layouts))
+    out["weights_resident"] = resident = resident_bytes(
+        comp, precision, target, prepacked_extra(spec, experts, implicit, precision, layouts, target))
     out["kv_cache"] = kv_cache_bytes(spec, context, kv)
     out["overhead"] = target.overhead_bytes(resident, spec.vocab_size, spec.hidden_size)
     out["total"] = resident + out["kv_cache"] + out["overhead"]
@@ -308,9 +309,21 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
 
     order = search_order(spec, target, fixed)
     fits = lambda b: budget_bytes is None or b["total"] <= budget_bytes  # noqa: E731
-    totals_of = lambda e, pr: _totals(spec, e, implicit, pr, context, target, layouts)  # noqa: E731
-    estimate = lambda e, pr, b: _estimate(spec, e, implicit, pr, context, target, layouts, b)  # noqa: E731
-    fitting = [(pr, b) for pr in order for b in [totals_of(kept, pr)] if fits(b)]
+    # the target's layouts, then its fallback layouts (coarser blocks) before any expert is trimmed
+    variants = [layouts] + [v for v in (effective_layouts(spec, target, f) for f in target.fallback_layouts)
+                            if v != layouts]
+    for layouts in variants:
+        totals_of = lambda e, pr: _totals(spec, e, implicit, pr, context, target, layouts)  # noqa: E731
+        estimate = lambda e, pr, b: _estimate(spec, e, implicit, pr, context, target, layouts, b)  # noqa: E731
+        fitting = [(pr, b) for pr in order for b in [totals_of(kept, pr)] if fits(b)]
+        if fitting:
+            break
+    if layouts is not variants[0]:
+        notes.append("layout " + ", ".join(f"{c} block {layouts[c]['block_size']} (instead of "
+                                           f"{variants[0][c]['block_size']})" for c in COMPONENTS
+                                           if layouts[c] != variants[0][c])
+                     + ": the target's fallback layout, fewer resident bytes per weight"
+                     + (", so that every expert of the pool fits" if fitting else ", and still experts trimmed"))
     trimmed: list[dict] = []
     if fitting:
         ests = [estimate(kept, pr, b) for pr, b in fitting]

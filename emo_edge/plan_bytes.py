@@ -18,7 +18,8 @@ File bytes, per component, in the exact layouts of `emo_edge/quant.py`:
   * norms fp32; RoPE cos/sin caches [context, head_dim/2] each, in the KV dtype where GroupQueryAttention runs
     (head_dim % 16 == 0; it then runs in the KV dtype), fp32 otherwise.
 Resident bytes differ from file bytes where the target upcasts fp16 weights (`target.fp16_resident_bytes`) and
-where QMoE's prepacking turns float16 expert scales into float32 (`qmoe_scale_upcast`).
+where onnxruntime prepacks the int4/int8 MatMulNBits and QMoE weights (`prepacked_extra`: per block a float32 scale
+and a float32 block sum instead of the file's scale).
 KV cache: 2 * layers * kv_heads * head_dim * context * (4 for float32, 2 for float16, 1 for int8) (+ int8's
 per-channel fp32 scales, 2 * layers * kv_heads * head_dim * 4, counted with the weights as "kv_scales"). All-fp32
 plans keep a float32 cache (they are verified exact against the reference); every other plan uses the target's
@@ -74,13 +75,14 @@ def _largest_block(block: int, *dims: int) -> int:
     return b
 
 
-def effective_layouts(spec: EmoSpec, target) -> dict[str, dict]:
+def effective_layouts(spec: EmoSpec, target, overrides: Mapping | None = None) -> dict[str, dict]:
     """Per component, the target's layout with the block size lowered (by halving, not below 16) where the
     operator needs whole blocks: QMoE needs hidden and intermediate sizes divisible by it, GatherBlockQuantized
     the hidden size; MatMulNBits pads K, so attention and lm_head keep the target's block."""
     out = {}
     for c in COMPONENTS:
-        lay = target.layout(c).to_dict()
+        lay = (overrides or {}).get(c) or target.layout(c)
+        lay = lay.to_dict()
         dims = {"experts": (spec.hidden_size, spec.intermediate_size), "embedding": (spec.hidden_size,)}.get(c, ())
         lay["block_size"] = _largest_block(lay["block_size"], *dims)
         out[c] = lay
@@ -165,21 +167,54 @@ def component_bytes(spec: EmoSpec, experts: Sequence[Sequence[int] | None], impl
     return out
 
 
-def qmoe_scale_upcast(spec: EmoSpec, experts: Sequence[Sequence[int] | None], precision: Mapping[str, str],
-                      layouts: Mapping[str, dict]) -> int:
-    """Extra resident bytes of float16 QMoE scales: QMoE's prepacking keeps them as float32 (measured by
-    bench/quant_layout.py: resident bytes equal with float16 and float32 scales), so only the file shrinks."""
-    lay = layouts["experts"]
-    if precision["experts"] not in BITS or lay["scale_dtype"] == "float32":
+PACKED_BLOCK_BYTES = 8  # MLAS's prepacked int8-activation layout: a float32 scale + a float32 block sum per block
+
+
+def _blocks(n: int, k: int, layout: Mapping) -> int:
+    return n * -(-k // layout["block_size"])
+
+
+def _file_block_bytes(precision: str, layout: Mapping) -> float:
+    """What a block costs in the file beyond its codes: its scale and (asymmetric) its packed zero point."""
+    return SCALE_BYTES[layout["scale_dtype"]] + (0 if layout["symmetric"] else BITS[precision] / 8)
+
+
+def prepacked_extra(spec: EmoSpec, experts: Sequence[Sequence[int] | None], implicit: Sequence[Sequence[int]],
+                    precision: Mapping[str, str], layouts: Mapping[str, dict], target) -> int:
+    """Resident bytes beyond the file of the MatMulNBits / QMoE weights (attention, experts, lm_head) once
+    onnxruntime has prepacked them at accuracy_level 4 (int8 activations): MLAS keeps the codes plus a float32
+    scale and a float32 block sum per block, and the originals' pages are released (emo_edge/ort_session.py).
+    Per block: PACKED_BLOCK_BYTES - the file's scale (and zero point) bytes; measured by bench/residency.py
+    stages (block 64, fp32 scales: 5.0 bits per weight resident against 4.5 in the file; float16 QMoE scales are
+    kept as float32). The embedding's GatherBlockQuantized reads the mapped file as is (no extra)."""
+    if target.accuracy_level != 4:
         return 0
-    as32 = {**lay, "scale_dtype": "float32"}
-    per = expert_bytes(spec, precision["experts"], as32) - expert_bytes(spec, precision["experts"], lay)
-    return per * sum(len(experts[layer.index] or ()) for layer in spec.moe_layers)
+    H, I = spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    extra = 0.0
+
+    def add(blocks: int, component: str, layout: Mapping) -> None:
+        nonlocal extra
+        if precision[component] in BITS:
+            extra += blocks * (PACKED_BLOCK_BYTES - _file_block_bytes(precision[component], layout))
+
+    att = layouts["attention"]
+    add(spec.num_layers * (_blocks(q + 2 * kv, H, att) + _blocks(H, q, att)), "attention", att)
+    lay, mm = layouts["experts"], matmul_layout(layouts["experts"], target)
+    per_expert = lambda L, inter: _blocks(2 * inter, H, L) + _blocks(H, inter, L)  # noqa: E731
+    for layer in spec.layers:
+        if layer.num_experts == 0:
+            add(per_expert(mm, spec.dense_intermediate_size or 0), "experts", mm)
+            continue
+        add(len(experts[layer.index] or ()) * per_expert(lay, I), "experts", lay)
+        add(len(implicit[layer.index]) * per_expert(mm, I), "experts", mm)
+    add(_blocks(spec.vocab_size, H, layouts["lm_head"]), "lm_head", layouts["lm_head"])
+    return int(extra)
 
 
 def resident_bytes(comp: Mapping[str, int], precision: Mapping[str, str], target, extra: int = 0) -> int:
     """Weight bytes once loaded: fp16 weights cost target.fp16_resident_bytes per element (upcast copies);
-    `extra`: what prepacking adds beyond that (`qmoe_scale_upcast`)."""
+    `extra`: what prepacking adds beyond that (`prepacked_extra`)."""
     r = lambda b, p: b * target.fp16_resident_bytes // 2 if p == "fp16" else b  # noqa: E731
     pa, pe, pm, ph = (precision[c] for c in COMPONENTS)
     return (r(comp["attention"], pa) + r(comp["experts"] + comp["dense_mlp"], pe) + r(comp["embedding"], pm)

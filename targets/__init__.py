@@ -35,9 +35,10 @@ _DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Overhead:
-    """Runtime memory beyond weight bytes and the KV cache, as a formula fitted to measurements:
-        base + weight_fraction * weight_bytes + prefill_tokens * (vocab * 4 + per_token_per_hidden * hidden)
-    (the logits of a prefill chunk are [T, vocab] fp32; the rest are activations/arena slack)."""
+    """Runtime memory beyond resident weight bytes and the KV cache, as a formula fitted to measurements:
+        base + weight_fraction * weight_bytes + prefill_tokens * per_token_per_hidden * hidden + vocab * 4
+    (a prefill chunk's activations; its logits are the last token's only, [1, vocab] fp32: the graph's
+    logits_to_keep input)."""
 
     base_bytes: int
     weight_fraction: float
@@ -46,8 +47,9 @@ class Overhead:
     measured: str = ""
 
     def bytes(self, weight_bytes: int, vocab: int, hidden: int) -> int:
-        per_token = vocab * 4 + self.per_token_per_hidden * hidden
-        return int(self.base_bytes + self.weight_fraction * weight_bytes + self.prefill_tokens * per_token)
+        per_token = self.per_token_per_hidden * hidden
+        return int(self.base_bytes + self.weight_fraction * weight_bytes + self.prefill_tokens * per_token
+                   + vocab * 4)
 
 
 # Components whose onnxruntime operator accepts float16 block scales with float32 activations (op schemas of
@@ -114,6 +116,8 @@ class Target:
     verify: dict[str, dict[str, float]]  # precision -> metric -> threshold
     speed: Speed = Speed({"fp32": 6e9, "int8": 4e9, "int4": 3.5e9}, 1e-4, 0, 512, 0.9, 100.0)
     layouts: dict[str, Layout] = field(default_factory=dict)  # per-component overrides of the default layout
+    # tried in order (component -> Layout overrides) when the full pool fits no assignment at `layouts`
+    fallback_layouts: tuple[dict[str, Layout], ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     # ---- capabilities --------------------------------------------------------------------------------
@@ -209,6 +213,7 @@ class TargetFile(Schema):
     verify: dict[Str, dict[Str, NonNegativeFinite]]
     speed: SpeedFile
     layouts: dict[Str, LayoutFile] = {}
+    fallback_layouts: list[dict[Str, LayoutFile]] = []
 
 
 def _strip(d: Any) -> Any:
@@ -228,20 +233,8 @@ def load_target(path: str | Path) -> Target:
     missing = [c for c in COMPONENTS if c not in t.precisions]
     if missing:
         raise EmoEdgeError(f"{path}: field 'precisions': no entry for component '{missing[0]}'")
-    layouts = {}
-    for c, lay in {**dict.fromkeys(COMPONENTS), **t.layouts}.items():
-        where = f"{path}: field 'layouts.{c}'" if lay is not None else f"{path}: the default layout"
-        lay = lay or t
-        if c not in COMPONENTS:
-            raise EmoEdgeError(f"{where}: unknown component (known: {', '.join(COMPONENTS)})")
-        if lay.block_size < 16 or lay.block_size & (lay.block_size - 1):
-            raise EmoEdgeError(f"{where}: block_size {lay.block_size} is not a power of two >= 16")
-        if lay.scale_dtype != t.activation_dtype and c not in FP16_SCALE_COMPONENTS:
-            raise EmoEdgeError(f"{where}: scale_dtype {lay.scale_dtype} for {c}: its MatMulNBits needs scales of the "
-                               f"activation dtype {t.activation_dtype} (only {', '.join(FP16_SCALE_COMPONENTS)} "
-                               f"take other scales)")
-        if c in t.layouts:
-            layouts[c] = Layout(lay.block_size, lay.symmetric, lay.scale_dtype)
+    layouts = _layouts(path, t, {**dict.fromkeys(COMPONENTS), **t.layouts}, "layouts")
+    fallback = tuple(_layouts(path, t, f, f"fallback_layouts[{i}]") for i, f in enumerate(t.fallback_layouts))
     raw_speed = raw.get("speed", {})
     target = Target(
         name=t.name, description=t.description, arch=t.arch, ops=tuple(t.ops),
@@ -257,11 +250,30 @@ def load_target(path: str | Path) -> Target:
         speed=Speed(t.speed.bandwidth.model_dump(include={"fp32", "int8", "int4"}), t.speed.layer_s,
                     t.speed.cache_bytes, t.speed.context_tokens, t.speed.balanced_fraction, t.speed.enough_tok_s,
                     measured=raw_speed.get("_measured", "") if isinstance(raw_speed.get("_measured"), str) else ""),
-        layouts=layouts, notes=tuple(notes),
+        layouts=layouts, fallback_layouts=fallback, notes=tuple(notes),
     )
     if target.name != path.stem:
         raise EmoEdgeError(f"{path}: target name '{target.name}' does not match the file name")
     return target
+
+
+def _layouts(path: Path, t: "TargetFile", entries: dict, field_name: str) -> dict[str, Layout]:
+    """Checked Layouts of `entries` (component -> LayoutFile; None: the target's default layout, checked too)."""
+    out = {}
+    for c, lay in entries.items():
+        where = f"{path}: field '{field_name}.{c}'" if lay is not None else f"{path}: the default layout"
+        lay = lay or t
+        if c not in COMPONENTS:
+            raise EmoEdgeError(f"{where}: unknown component (known: {', '.join(COMPONENTS)})")
+        if lay.block_size < 16 or lay.block_size & (lay.block_size - 1):
+            raise EmoEdgeError(f"{where}: block_size {lay.block_size} is not a power of two >= 16")
+        if lay.scale_dtype != t.activation_dtype and c not in FP16_SCALE_COMPONENTS:
+            raise EmoEdgeError(f"{where}: scale_dtype {lay.scale_dtype} for {c}: its MatMulNBits needs scales of the "
+                               f"activation dtype {t.activation_dtype} (only {', '.join(FP16_SCALE_COMPONENTS)} "
+                               f"take other scales)")
+        if entries[c] is not None:
+            out[c] = Layout(lay.block_size, lay.symmetric, lay.scale_dtype)
+    return out
 
 
 def _load_all() -> dict[str, Target]:

@@ -60,6 +60,10 @@ def test_emo14b_int4_bytes_match_independent_arithmetic():
                             + b["rope"])
     assert plan.kv_cache_dtype == CPU.kv_cache_dtype == "float16"
     assert b["kv_cache"] == 2 * L * 16 * hd * 4096 * 2
+    # resident: MLAS's prepacked MatMulNBits/QMoE blocks hold a float32 scale and a float32 block sum (8 bytes)
+    # where the file holds a float32 scale; the embedding (GatherBlockQuantized) stays as in the file
+    blocks = L * (q * H + 2 * kv * H + H * q) // BS + L * 33 * (2 * I * H + H * I) // BS + V * H // BS
+    assert b["weights_resident"] == b["weights"] + 4 * blocks
     assert b["overhead"] == CPU.overhead_bytes(b["weights_resident"], V, H)
     assert b["total"] == b["weights_resident"] + b["kv_cache"] + b["overhead"]
     assert plan.precision == {"attention": "int4", "experts": "int4", "embedding": "int4", "lm_head": "int4",
@@ -106,12 +110,30 @@ def test_auto_order_is_most_accurate_first():
 SMALLEST = {**dict.fromkeys(COMPONENTS, "int4"), "kv_cache": "int8"}
 
 
-def _item_total(spec, pool, item, context=4096):
-    """Total bytes of one search item (four precisions + "kv_cache") with the full pool."""
+def _item_total(spec, pool, item, context=4096, fallback=False):
+    """Total bytes of one search item (four precisions + "kv_cache") with the full pool, at the target's layouts
+    or (`fallback`) its last fallback layouts: the coarsest, where the planner trims."""
     from emo_edge.plan import _totals
     from emo_edge.plan_bytes import effective_layouts
     implicit = [list(layer.implicit_experts) for layer in spec.layers]
-    return _totals(spec, pool, implicit, item, context, CPU, effective_layouts(spec, CPU))["total"]
+    lay = effective_layouts(spec, CPU, CPU.fallback_layouts[-1] if fallback else None)
+    return _totals(spec, pool, implicit, item, context, CPU, lay)["total"]
+
+
+def test_fallback_layout_keeps_every_expert_before_trimming():
+    """Where the full pool fits no assignment at the target's layouts, the planner takes its fallback layout
+    (experts block 128: fewer resident bytes per weight) before it trims an expert, and says so."""
+    spec = emo14b()
+    pool = pool32(spec)
+    at_default, at_fallback = _item_total(spec, pool, SMALLEST), _item_total(spec, pool, SMALLEST, fallback=True)
+    assert at_fallback < at_default
+    plan = make_plan(spec, pool, at_default - 1, 4096)
+    assert not plan.trimmed and plan.experts == pool and plan.bytes["total"] == at_fallback
+    assert plan.layouts["experts"]["block_size"] == CPU.fallback_layouts[-1]["experts"].block_size == 128
+    assert plan.layouts["attention"]["block_size"] == CPU.block_size
+    assert any("fallback layout" in n and "every expert" in n for n in plan.notes)
+    roomy = make_plan(spec, pool, at_default, 4096)
+    assert roomy.layouts["experts"]["block_size"] == CPU.block_size and not any("fallback" in n for n in roomy.notes)
 
 
 def test_search_order_adds_the_kv_cache_dtype():
@@ -158,8 +180,8 @@ def test_trimming_lowest_scored_never_below_k():
     spec = emo14b()
     pool = pool32(spec)
     scores = [{e: float((e * 7 + layer) % 32) for e in range(32)} for layer in range(4)]
-    int4 = _item_total(spec, pool, SMALLEST)  # the smallest search item: int4 weights, int8 KV cache
-    per_expert = int_bytes(2048, 2048, 4) + int_bytes(2048, 1024, 4)
+    int4 = _item_total(spec, pool, SMALLEST, fallback=True)  # the smallest item: int4, int8 KV, coarsest layout
+    per_expert = int_bytes(2048, 2048, 4, 128) + int_bytes(2048, 1024, 4, 128)
     budget = int4 - 10 * per_expert
     plan = make_plan(spec, pool, budget, 4096, expert_scores=scores)
     assert plan.bytes["total"] <= budget and plan.trimmed
@@ -167,7 +189,7 @@ def test_trimming_lowest_scored_never_below_k():
     # minimal: restoring the last trimmed expert overflows the budget
     last = plan.trimmed[-1]
     restored = [sorted(e + [last["expert"]]) if i == last["layer"] else e for i, e in enumerate(plan.experts)]
-    assert _item_total(spec, restored, SMALLEST) > budget
+    assert _item_total(spec, restored, SMALLEST, fallback=True) > budget
     assert any("trimmed" in n for n in plan.notes) and plan.kv_cache_dtype == "int8"
     dropped = {(t["layer"], t["expert"]) for t in plan.trimmed}
     for layer in range(4):
@@ -177,7 +199,7 @@ def test_trimming_lowest_scored_never_below_k():
         if gone:  # only the lowest-scored go
             assert max(scores[layer][e] for e in gone) <= min(scores[layer][e] for e in kept)
     # the tightest budget that still holds the minimum: exactly routed_k routed experts everywhere
-    minimum = _item_total(spec, [list(range(7))] * 4, SMALLEST)
+    minimum = _item_total(spec, [list(range(7))] * 4, SMALLEST, fallback=True)
     tight = make_plan(spec, pool, minimum, 4096, expert_scores=scores)
     assert [len(e) for e in tight.experts] == [7] * 4 and tight.implicit == [[127]] * 4
     for layer in range(4):
@@ -186,7 +208,7 @@ def test_trimming_lowest_scored_never_below_k():
 
 def test_refusal_states_minimum():
     spec = emo14b()
-    minimum = _item_total(spec, [list(range(7))] * 4, SMALLEST)
+    minimum = _item_total(spec, [list(range(7))] * 4, SMALLEST, fallback=True)
     with pytest.raises(BudgetError) as err:
         make_plan(spec, pool32(spec), minimum - 1, 4096)
     assert str(minimum) in str(err.value) and "minimum" in str(err.value)
@@ -217,7 +239,9 @@ def test_json_round_trip_and_table():
     again = ExportPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan and ExportPlan.from_json(plan.to_json()) == plan
     assert plan.layer_experts(0) == plan.experts[0] + [127]
-    assert plan.quant_scheme("experts").bits == 4 and plan.quant_scheme("experts").block_size == BS
+    # trimmed at 1 GB, so at the coarsest (fallback) layout: experts block 128, the rest at the target's block
+    assert plan.trimmed and plan.quant_scheme("experts").bits == 4 and plan.quant_scheme("experts").block_size == 128
+    assert plan.quant_scheme("attention").block_size == BS
     assert plan.quant_scheme("experts") == plan.quant_scheme("experts", "float32")
     table = format_plan(plan)
     for word in ("attention", "experts", "router", "embedding", "lm_head", "kv cache", "overhead", "total"):

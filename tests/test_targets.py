@@ -26,7 +26,7 @@ def test_target_complete(name):
     assert t.precisions_for("router") == ("fp32",)
     assert t.supports("MatMulNBits") and not t.supports("NoSuchOp")
     assert t.kv_bytes_per_element in (2, 4) and t.scale_bytes in (2, 4)
-    assert t.overhead_bytes(10**9, 100352, 2048) > t.overhead_bytes(10**8, 100352, 2048) > 0
+    assert t.overhead_bytes(10**9, 100352, 2048) >= t.overhead_bytes(10**8, 100352, 2048) > 0
     assert t.threads["inter_op"] >= 1
 
 
