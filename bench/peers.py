@@ -1,40 +1,37 @@
 """emo-edge against llama.cpp on the same model, side by side: prefill and decode tokens/s, peak RSS, bits per
 weight and the memory-bandwidth roofline, in fresh processes alternating A B A B.
 
-Setup (once; llama.cpp is a benchmark-only dependency, built from source into its own venv):
+Setup (once; llama.cpp is a benchmark-only dependency in its own venv, see bench/gguf_emo.py):
 
-    python3.11 -m venv /tmp/llama/venv && CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DGGML_NATIVE=ON" \
-        /tmp/llama/venv/bin/pip install --no-cache-dir llama-cpp-python gguf numpy
     emo-edge synth /tmp/peers/ckpt --preset emo-14b --layers 16 --experts 33      # 32 routed + 1 shared, 8 GB
     python -c "import json; json.dump({'layers': [list(range(32))] * 16}, open('/tmp/peers/pool_all32.json', 'w'))"
     emo-edge export --model /tmp/peers/ckpt --pools /tmp/peers/pool_all32.json --precision int4 \
         --out /tmp/peers/bundle --no-verify
     /tmp/llama/venv/bin/python bench/gguf_emo.py write /tmp/peers/ckpt /tmp/peers/emo-bf16.gguf
     /tmp/llama/venv/bin/python bench/gguf_emo.py quantize /tmp/peers/emo-bf16.gguf /tmp/peers/emo-q4_0.gguf
-
-Run (nice, on an otherwise idle machine; about 1 minute per run, 4 runs per pair):
-
-    nice -n 10 python bench/peers.py --bundle /tmp/peers/bundle --gguf /tmp/peers/emo-q4_0.gguf \
-        --model /tmp/peers/ckpt [--pairs 5] [--prompts 128,1024] [--tokens 64] [--threads 2] [--json out.json]
     python bench/peers_check.py --model /tmp/peers/ckpt --bundle /tmp/peers/bundle \
         --gguf /tmp/peers/emo-q4_0.gguf,/tmp/peers/emo-bf16.gguf      # the GGUF is the same model
 
-Each run is a fresh worker process: `emo` (this Python: the bundle through `open_emo`, the one function to
-switch to the engine) or `llama` (the llama venv's Python: llama-cpp-python's C API, llama.cpp's defaults
-for a context: n_batch 2048, n_ubatch 512, f16 KV cache, flash attention auto; n_ctx = the bundle's context).
-A worker loads the model, warms up on one token (llama-cli does the same), clears the cache, then prefills
-the prompt (the same random token ids, from the tokenizer's range, for both sides) and greedily decodes
-`--tokens` tokens, each the argmax of the last logits it read back. It reports prefill tok/s (prompt tokens /
-prefill time), decode tok/s ((tokens - 1) / time of the decode steps; the first token comes from prefill),
-its peak RSS (VmHWM) and the generated ids. Pairs alternate the order (A B, B A, ...); ratios are taken
-pair by pair and the median printed. The read bandwidth is a numpy streaming sum over 1 GiB on `--threads`
-threads, probed before and after (the better kept); a side's roofline is bandwidth / bytes it must read per
-decoded token (every non-expert weight, the active experts' share of expert weights, one embedding row, the
-KV cache at the mean decode context), from the bundle's plan and the GGUF's tensor table.
+Run (nice, on an otherwise idle machine; 1-2 minutes per run, 4 runs per pair):
 
-A PyTorch/transformers side does not fit: the fp32 reference at 16 layers x 33 experts holds 16 GB of
-weights on a 24 GB machine shared with other jobs (bench/decode.py runs it at 8 layers).
-bench/peers_check.py checks that the GGUF is the same model (logits against the fp32 reference).
+    nice -n 10 python bench/peers.py --bundle /tmp/peers/bundle --gguf /tmp/peers/emo-q4_0.gguf \
+        --model /tmp/peers/ckpt [--pairs 5] [--prompts 128,1024] [--tokens 64] [--threads 2] [--json out.json]
+
+Each run is a fresh worker process: `emo` (this Python, the bundle through `open_engine`, as `emo-edge run`)
+or `llama` (the llama venv's Python, llama-cpp-python's C API with llama.cpp's context defaults: n_batch 2048,
+n_ubatch 512, f16 KV, flash attention auto; n_ctx = the bundle's context). A worker loads the model, warms up
+on one token, then prefills the prompt (the same random ids from the tokenizer's range for both sides) and
+greedily decodes `--tokens` tokens, each the argmax of the last logits it read back. It reports prefill tok/s,
+decode tok/s ((tokens - 1) / decode time: the first token comes from the prefill), peak RSS (VmHWM; RssAnon
+and RssFile at exit: llama.cpp's mapped GGUF pages are file RSS), the ids, and CPU contention while decoding:
+`rq wait`, seconds its threads sat runnable without a CPU (/proc/self/task/*/schedstat) per decode second.
+On a shared box that matters: llama.cpp's threads meet at a spinning barrier after every graph node, so one
+descheduled thread stalls the other. Ratios are taken pair by pair, the median printed. Read bandwidth: a
+numpy sum over 1 GiB on `--threads` threads, before and after (best kept); a side's roofline = bandwidth /
+bytes it reads per decoded token (non-expert weights, the active experts' share, one embedding row, the KV
+cache at the mean decode context), from the bundle's plan and the GGUF's tensor table.
+
+No PyTorch side: the fp32 reference at 16 layers x 33 experts holds 16 GB of weights on a shared 24 GB box.
 """
 
 from __future__ import annotations
@@ -67,13 +64,31 @@ def token_range(ckpt: Path) -> tuple[int, int]:
     return max(special, default=-1) + 1, n
 
 
-def peak_rss() -> int:
-    """This process's peak RSS in bytes (VmHWM: ru_maxrss would carry a big parent's peak across exec)."""
+def sched() -> tuple[float, float, int]:
+    """(cpu s, runqueue-wait s) summed over this process's threads, and its involuntary context switches."""
+    import resource
+
+    cpu = wait = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:  # a thread that just ended
+            continue
+        cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
+    return cpu / 1e9, wait / 1e9, resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
+def contention(before: tuple, wall_s: float) -> dict:
+    cpu, wait, nivcsw = (b - a for a, b in zip(before, sched()))
+    return {"decode_cpu": cpu / wall_s, "decode_wait": wait / wall_s, "decode_nivcsw": nivcsw}
+
+
+def memory() -> dict:
+    """Peak RSS (VmHWM: ru_maxrss would carry a big parent's peak across exec), RssAnon and RssFile, bytes."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
+        got = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+               if k in ("VmHWM", "RssAnon", "RssFile")}
+    return {"peak_rss": got["VmHWM"], "rssanon": got["RssAnon"], "rssfile": got["RssFile"]}
 
 
 # ---- workers: each runs in its own process and prints one JSON line -----------------------------------------
@@ -85,10 +100,17 @@ def worker_emo(job: dict) -> dict:
     eng = open_engine(job["bundle"], threads=job["threads"])
     load_s = time.perf_counter() - t0
     eng.generate(job["ids"][:1], sampling=Sampling(2, ignore_eos=True))  # warm-up
-    t = eng.generate(job["ids"], sampling=Sampling(job["tokens"], ignore_eos=True))
+    mark: list = []  # scheduler counters when the first token (from the prefill's logits) is out
+
+    def first(_tok: int) -> None:
+        if not mark:
+            mark.append(sched())
+
+    t = eng.generate(job["ids"], sampling=Sampling(job["tokens"], ignore_eos=True), on_token=first)
     return {"side": "emo", "load_s": load_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
             "prefill_tok_s": len(job["ids"]) / t.prefill_s, "decode_tok_s": t.decode_tokens / t.decode_s,
-            "peak_rss": peak_rss(), "tokens": [int(x) for x in t.ids]}
+            **contention(mark[0], t.decode_s), **memory(),
+            "tokens": [int(x) for x in t.ids]}
 
 
 class Llama:
@@ -154,6 +176,7 @@ def worker_llama(job: dict) -> dict:
     nxt = int(np.argmax(m.forward(ids, 0)[-1]))
     prefill_s = time.perf_counter() - t
     out, pos = [nxt], len(ids)
+    before = sched()
     t = time.perf_counter()
     for _ in range(job["tokens"] - 1):
         nxt = int(np.argmax(m.forward([nxt], pos)[-1]))
@@ -162,8 +185,8 @@ def worker_llama(job: dict) -> dict:
     decode_s = time.perf_counter() - t
     return {"side": "llama", "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
             "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": (job["tokens"] - 1) / decode_s,
-            "peak_rss": peak_rss(), "tokens": out, "params": m.params, "system_info": m.system_info,
-            "version": m.version}
+            **contention(before, decode_s), **memory(), "tokens": out,
+            "params": m.params, "system_info": m.system_info, "version": m.version}
 
 
 def worker_llama_logits(job: dict) -> dict:
@@ -253,14 +276,14 @@ def bench(args) -> dict:
     from emo_edge.units import fmt_bytes
 
     spec = load_spec(args.model)
-    dims = read_model_dims(args.bundle, {}, need_filename=True)
-    n_ctx = dims["context_length"]
+    n_ctx = read_model_dims(args.bundle, {}, need_filename=True)["context_length"]
     prompts = [int(p) for p in args.prompts.split(",")]
     load_before = os.getloadavg()
     bw_before = read_bandwidth(threads=args.threads)
     rng = np.random.default_rng(args.seed)
     ids = {p: [int(x) for x in rng.integers(*token_range(args.model), size=p)] for p in prompts}
     runs: dict[tuple[str, int], list[dict]] = {(s, p): [] for s in ("emo", "llama") for p in prompts}
+    run_lines: list[str] = []
     for pair in range(args.pairs):
         for p in prompts:
             for side in (("emo", "llama") if pair % 2 == 0 else ("llama", "emo")):
@@ -271,24 +294,28 @@ def bench(args) -> dict:
                     raise SystemExit(f"error: {side} worker (prompt {p}): {r['error']}")
                 r["load_1min"] = os.getloadavg()[0]
                 runs[(side, p)].append(r)
-                print(f"load {r['load_1min']:.2f}  pair {pair + 1}/{args.pairs} prompt {p:>5} {side:<6} prefill {r['prefill_tok_s']:8.1f} "
-                      f"tok/s  decode {r['decode_tok_s']:6.2f} tok/s  peak RSS {fmt_bytes(r['peak_rss'])}",
-                      file=sys.stderr, flush=True)
+                line = (f"  pair {pair + 1}/{args.pairs} prompt {p:>5} {side:<6} prefill "
+                        f"{r['prefill_tok_s']:7.1f} tok/s  decode {r['decode_tok_s']:6.2f} tok/s  peak RSS "
+                        f"{fmt_bytes(r['peak_rss'])}  rq wait {r['decode_wait']:.2f}  cpu {r['decode_cpu']:.2f}  "
+                        f"nivcsw {r['decode_nivcsw']}  "
+                        f"load {r['load_1min']:.2f}")
+                run_lines.append(line)
+                print(line, file=sys.stderr, flush=True)
     bw = max(bw_before, read_bandwidth(threads=args.threads))
     load_after = os.getloadavg()
     params = checkpoint_params(args.model)
     rows = [f"emo-edge vs llama.cpp  model {args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
             f"{spec.layers[0].num_experts - 1}+1 experts, top-{spec.top_k}, {params / 1e9:.2f}B params  "
-            f"threads {args.threads}  decode {args.tokens} tokens  {args.pairs} pairs (A B, B A, ...)",
+            f"threads {args.threads}  decode {args.tokens} tokens  {args.pairs} pair(s) (A B, B A, ...)",
             f"load average {' '.join(f'{x:.2f}' for x in load_before)} before, "
             f"{' '.join(f'{x:.2f}' for x in load_after)} after, on {os.cpu_count()} cpus;  read bandwidth "
             f"{bw / 1e9:.2f} GB/s (numpy sum of 1 GiB on {args.threads} threads, best before/after)",
             f"{'side':<7}{'prompt':>7}{'prefill tok/s':>22}{'decode tok/s':>20}{'peak RSS':>11}{'bits/w':>8}"
-            f"{'bytes/tok':>11}{'roofline':>10}{'share':>7}",
+            f"{'bytes/tok':>11}{'roofline':>10}{'share':>7}{'rq wait':>9}",
             f"{'':<7}{'':>7}{'min/median/max':>22}{'min/median/max':>20}{'(max)':>11}{'':>8}{'':>11}"
-            f"{'tok/s':>10}{'':>7}"]
+            f"{'tok/s':>10}{'':>7}{'median':>9}"]
     summary: dict = {"bandwidth_bytes_s": bw, "load_before": load_before, "load_after": load_after,
-                     "params": params, "n_ctx": n_ctx, "prompts": {}}
+                     "params": params, "n_ctx": n_ctx, "prompts": {}, "prompt_ids": ids}
     for p in prompts:
         ctx = p + args.tokens // 2  # mean context while decoding
         weights = {"emo": emo_weights(Path(args.bundle), spec, ctx),
@@ -304,7 +331,8 @@ def bench(args) -> dict:
             rows.append(f"{side:<7}{p:>7}{spread([r['prefill_tok_s'] for r in rs]):>22}"
                         f"{spread(dec, '{:.2f}'):>20}{fmt_bytes(max(r['peak_rss'] for r in rs)):>11}"
                         f"{8 * w['file_bytes'] / params:>8.2f}{fmt_bytes(w['bytes_per_token']):>11}{roof:>10.1f}"
-                        f"{100 * statistics.median(dec) / roof:>6.0f}%")
+                        f"{100 * statistics.median(dec) / roof:>6.0f}%"
+                        f"{statistics.median(r['decode_wait'] for r in rs):>9.2f}")
     for p in prompts:
         ratio = {k: statistics.median(e[k] / l[k] for e, l in zip(runs[("emo", p)], runs[("llama", p)]))
                  for k in ("prefill_tok_s", "decode_tok_s", "peak_rss")}
@@ -320,12 +348,22 @@ def bench(args) -> dict:
         rows.append(f"decode at prompt {hi} / at prompt {lo} (medians): emo {rel['emo']:.2f}x  "
                     f"llama {rel['llama']:.2f}x")
     rows += token_lines(runs, prompts)
+    for side in ("emo", "llama"):
+        last = runs[(side, prompts[-1])][-1]
+        rows.append(f"{side} RSS at exit (prompt {prompts[-1]}, last run): anon {fmt_bytes(last.get('rssanon', 0))}, "
+                    f"file-backed {fmt_bytes(last.get('rssfile', 0))}")
+    rows.append("rq wait = seconds its threads sat runnable waiting for a CPU per second of decode "
+                "(/proc/self/task/*/schedstat); per run:")
+    rows += run_lines
     lw = summary["prompts"][prompts[0]]["llama"]
     info = runs[("llama", prompts[0])][0]
     rows.append(f"llama.cpp (llama-cpp-python {info['version']}): bailingmoe GGUF, embedding {lw['embd_type']}, "
                 f"output {lw['output_type']}, router F32; context {info['params']} (flash_attn -1 = auto, "
                 f"type 1 = f16); CPU features {info['system_info']}")
-    rows.append(f"emo-edge: {args.bundle} int4 (block 32), KV float32; bits/w = weight file bytes x 8 / params")
+    plan = json.loads((Path(args.bundle) / "report.json").read_text())["plan"]["plan"]
+    lay = {k: f" (block {v['block_size']}, {v['scale_dtype']} scales)" for k, v in plan["layouts"].items()}
+    prec = ", ".join(f"{k} {v}{lay.get(k, '')}" for k, v in plan["precision"].items())
+    rows.append(f"emo-edge: {args.bundle}: {prec}; KV {plan['kv_cache_dtype']}; bits/w = file bytes x 8 / params")
     print("\n".join(rows))
     report = {"summary": summary, "runs": {f"{s}@{p}": rs for (s, p), rs in runs.items()}, "table": rows}
     if args.json:
@@ -345,8 +383,10 @@ def token_lines(runs: dict, prompts: list[int]) -> list[str]:
             parts.append(f"{side} {len(set(toks[0]))} distinct of {len(toks[0])}, first {toks[0][:6]}"
                          f"{'' if same else ' (runs differ!)'}")
         e, l = runs[("emo", p)][0]["tokens"], runs[("llama", p)][0]["tokens"]
-        agree = next((i for i, (a, b) in enumerate(zip(e, l)) if a != b), len(e))
-        out.append(f"greedy tokens at prompt {p}: " + "; ".join(parts) + f"; sides agree on the first {agree}")
+        first = next((i for i, (a, b) in enumerate(zip(e, l)) if a != b), len(e))
+        same = sum(a == b for a, b in zip(e, l))
+        out.append(f"greedy tokens at prompt {p}: " + "; ".join(parts) + f"; sides agree on the first {first} "
+                   f"and at {same}/{len(e)} positions")
     return out
 
 

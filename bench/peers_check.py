@@ -10,11 +10,17 @@ positions have the same argmax, and the relative RMS error. The bf16 GGUF holds 
 near-1 correlation and agreement there say the architecture, the routing and the RoPE row layout are right;
 the Q4_0 and int4 rows then show what each quantizer costs. llama.cpp runs in the llama venv's Python
 (bench/peers.py's `llama_logits` worker); synthetic weights give near-flat logits, so a few argmax ties differ.
+
+`--replay RUN.json` (a peers.py --json report, run with the same --seed) checks instead that each side's greedy
+tokens are real: the prompt plus the first run's tokens go through each side again in one teacher-forced pass,
+and the argmax at each position must be the token that run generated next (a one-pass forward and the
+incremental decode differ only in rounding, which can flip a near-tie of the flat synthetic logits).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +73,45 @@ def check(args) -> None:
               f"{ref.std():>9.3f}{secs:>7.0f}")
 
 
+def side_logits(side: str, ids: list[int], args, out: Path) -> np.ndarray:
+    """(S, V) logits of one sequence: emo-edge's bundle through `emo-edge logits`, or the GGUF in llama.cpp."""
+    if side == "emo":
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "-q", "logits", str(args.bundle), "--ids",
+                               ",".join(map(str, ids)), "--out", str(out)], capture_output=True, text=True,
+                              cwd=str(ROOT))
+        if proc.returncode != 0:
+            raise SystemExit(f"error: bundle logits: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
+    else:
+        r = run_worker("llama_logits", {"gguf": args.gguf.split(",")[0], "ids": ids, "n_ctx": len(ids) + 16,
+                                        "threads": args.threads, "out": str(out)}, args.llama_python)
+        if "error" in r:
+            raise SystemExit(f"error: llama.cpp logits: {r['error']}")
+    return np.load(out)
+
+
+def replay(args) -> None:
+    """Each side's generated tokens against the argmax of its own teacher-forced logits."""
+    run = json.loads(Path(args.replay).read_text())
+    prompts = [int(p) for p in args.prompts.split(",")]  # the run's order: its prompt ids came from one rng
+    rng = np.random.default_rng(args.seed)
+    prompt_ids = {p: [int(x) for x in rng.integers(*token_range(args.model), size=p)] for p in prompts}
+    prompt_ids.update({int(p): v for p, v in run["summary"].get("prompt_ids", {}).items()})  # stored since run1
+    print(f"greedy tokens of {args.replay} vs the argmax of a teacher-forced pass on the same side")
+    with tempfile.TemporaryDirectory(prefix="peers-replay-", dir=args.tmp) as tmp:
+        for p in prompts:
+            for side in ("emo", "llama"):
+                toks = run["runs"][f"{side}@{p}"][0]["tokens"]
+                lg = side_logits(side, prompt_ids[p] + toks[:-1], args, Path(tmp) / f"{side}{p}.npy")
+                arg = [int(np.argmax(row)) for row in lg[p - 1:]]
+                same = sum(a == b for a, b in zip(arg, toks))
+                first = next((i for i, (a, b) in enumerate(zip(arg, toks)) if a != b), len(toks))
+                gap = max((float(row.max() - row[t]) / float(row.std()) for row, t in zip(lg[p - 1:], toks)
+                           if int(np.argmax(row)) != t), default=0.0)  # how near a tie each mismatch was
+                print(f"prompt {p:>5} {side:<6} {same}/{len(toks)} tokens are the argmax (first mismatch at "
+                      f"{first if first < len(toks) else 'none'}; largest argmax-minus-token gap {gap:.3f} "
+                      f"logit std)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="the source checkpoint")
@@ -77,14 +122,20 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="scratch directory for the logits files")
     p.add_argument("--llama-python", default=LLAMA_PYTHON)
+    p.add_argument("--replay", help="a peers.py --json report: check its greedy tokens instead (see above)")
+    p.add_argument("--prompts", default="128,1024", help="with --replay: the run's --prompts")
     args = p.parse_args(argv)
     for what, path in [("--model", args.model / "config.json"), ("--bundle", args.bundle / "manifest.json"),
-                       ("--llama-python", Path(args.llama_python))] + [("--gguf", Path(g)) for g in args.gguf.split(",")]:
+                       ("--llama-python", Path(args.llama_python))] + [("--gguf", Path(g))
+                                                                        for g in args.gguf.split(",")]:
         if not path.is_file():
             p.exit(2, f"error: {what} {path}: not found\n")
     if args.length < 1:
         p.exit(2, "error: --length must be >= 1\n")
-    check(args)
+    if args.replay:
+        replay(args)
+    else:
+        check(args)
 
 
 if __name__ == "__main__":
