@@ -221,12 +221,12 @@ def emo_weights(bundle: Path, spec, ctx: int) -> dict:
 
     from emo_edge.errors import BundleError
     from emo_edge.schema import load_json
-    from targets import get_target
+    from targets import KV_BYTES, get_target
 
     plan = load_json(bundle / "report.json", BundleError, "not found (the export's report)")["plan"]["plan"]
     kept = [len(e) + len(i) for e, i in zip(plan["experts"], plan["implicit"]) if e is not None]
     active = [layer.top_k for layer in spec.moe_layers]
-    kvb = get_target(plan["target"]).kv_bytes_per_element
+    kvb = KV_BYTES[plan.get("kv_cache_dtype", get_target(plan["target"]).kv_cache_dtype)]  # the bundle's own cache
     files = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx"))
     return {"file_bytes": files, "bytes_per_token": bytes_per_token(spec, plan["bytes"], kept, active, ctx, kvb),
             "kv_bytes": kvb}
