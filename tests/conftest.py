@@ -76,3 +76,17 @@ def _isolated_catalog(tmp_path_factory):
         os.environ.pop("EMO_EDGE_HOME", None)
     else:
         os.environ["EMO_EDGE_HOME"] = old
+
+
+def genai_greedy(og, bundle: Path, ids: list[int], max_length: int) -> list[int]:
+    """The whole greedy sequence onnxruntime-genai (module `og`) generates from `ids` on a bundle, unchanged."""
+    import numpy as np
+
+    m = og.Model(str(bundle))
+    p = og.GeneratorParams(m)
+    p.set_search_options(max_length=max_length, do_sample=False)
+    g = og.Generator(m, p)
+    g.append_tokens(np.array(ids, dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    return [int(t) for t in g.get_sequence(0)]

@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import genai_greedy
+
 CTX = 48
 
 
@@ -83,14 +85,7 @@ def test_onnxruntime_genai_runs_bundle_unchanged(bundle_dir):
     og = pytest.importorskip("onnxruntime_genai")
     from emo_edge.engine import StaticEngine
     ids = [5, 17, 99, 3]
-    m = og.Model(str(bundle_dir))
-    p = og.GeneratorParams(m)
-    p.set_search_options(max_length=20, do_sample=False)
-    g = og.Generator(m, p)
-    g.append_tokens(np.array(ids, dtype=np.int32))
-    while not g.is_done():
-        g.generate_next_token()
-    seq = [int(t) for t in g.get_sequence(0)]
+    seq = genai_greedy(og, bundle_dir, ids, 20)
     ours = StaticEngine(bundle_dir).generate(ids, max_tokens=len(seq) - len(ids), ignore_eos=True).ids
     assert seq == ids + ours
 

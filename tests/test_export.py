@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, VARIANTS, run_cli
+from conftest import ROOT, VARIANTS, genai_greedy, run_cli
 
 CTX = 64
 FP32_VARIANTS = [v for v in VARIANTS if v != "rope_dynamic"]
@@ -290,14 +290,7 @@ def test_onnxruntime_genai_runs_fp16_kv_bundle(tmp_path):
            progress=False)
     assert set(_ort_logits(out / "model.onnx", [5])[1].values()) == {"tensor(float16)"}
     ids = [5, 17, 99, 3, 250, 42]
-    m = og.Model(str(out))
-    p = og.GeneratorParams(m)
-    p.set_search_options(max_length=30, do_sample=False)
-    g = og.Generator(m, p)
-    g.append_tokens(np.array(ids, dtype=np.int32))
-    while not g.is_done():
-        g.generate_next_token()
-    seq = [int(t) for t in g.get_sequence(0)]
+    seq = genai_greedy(og, out, ids, 30)
     assert seq == ids + StaticEngine(out).generate(ids, max_tokens=len(seq) - len(ids), ignore_eos=True).ids
 
 
