@@ -61,7 +61,7 @@ class ExportPlan:
     precision: dict  # attention, experts, embedding, lm_head -> fp32|fp16|int8|int4; router -> fp32
     layouts: dict  # component -> {"block_size", "symmetric", "scale_dtype"} used where it is int8/int4
     accuracy_level: int
-    kv_cache_dtype: str  # float32 | float16: the graph's past/present type
+    kv_cache_dtype: str  # float32 | float16 | int8: the graph's past/present type
     context: int
     budget: int | None
     bytes: dict  # file bytes per component, weights, weights_resident, kv_cache, overhead, total

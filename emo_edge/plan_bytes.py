@@ -40,13 +40,14 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from targets import KV_BYTES  # bytes per KV element, by dtype: the targets' own table
+
 from .errors import EmoEdgeError
 from .spec import EmoSpec
 
 COMPONENTS = ("attention", "experts", "embedding", "lm_head")
 BITS = {"int8": 8, "int4": 4}
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
-KV_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 SCALE_BYTES = {"float32": 4, "float16": 2}
 GQA_HEAD_MULTIPLE = 16  # the CPU GroupQueryAttention kernel needs head_size % 16 == 0 (else plain attention ops)
 MIN_BLOCK = 16  # the smallest block MatMulNBits / QMoE / GatherBlockQuantized take (powers of two)

@@ -31,7 +31,6 @@ from ..errors import BundleError
 
 PLAIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LOGITS_TO_KEEP = "logits_to_keep"  # optional graph input (exporters/onnx.py): logits of the last n positions only
-KEEP_ALL, KEEP_LAST = np.array([0], np.int64), np.array([1], np.int64)
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
@@ -109,14 +108,15 @@ class BoundGraph:
         if LOGITS_TO_KEEP in self.plain_in:
             import onnxruntime as ort
 
-            self._keep = {False: ort.OrtValue.ortvalue_from_numpy(KEEP_ALL),
-                          True: ort.OrtValue.ortvalue_from_numpy(KEEP_LAST)}
+            # env[LOGITS_TO_KEEP] says "last only"; 0 keeps every position
+            self._keep = {flag: ort.OrtValue.ortvalue_from_numpy(np.array([int(flag)], np.int64))
+                          for flag in (False, True)}
 
     def run(self, env: dict) -> None:
         io, kv = self.io, self.kv
         for n in self.plain_in:
             if n == LOGITS_TO_KEEP:  # an overridable initializer: bind_cpu_input looks it up among the inputs only
-                io.bind_ortvalue_input(n, self._keep[bool(env[n][0])])
+                io.bind_ortvalue_input(n, self._keep[env[n]])
                 continue
             io.bind_cpu_input(n, env[n] if n in env else kv.arrays[_kv_index(n)])
         for n in self.plain_out:  # re-bound each run: their shapes follow the chunk
@@ -186,7 +186,7 @@ class DecodeSession:
             raise BundleError(f"token id outside the vocabulary [0, {self.vocab_size})")
         env = {"input_ids": x, "attention_mask": self._mask[:, :total],
                "position_ids": np.arange(past, total, dtype=np.int64)[None],
-               LOGITS_TO_KEEP: KEEP_LAST if last_only else KEEP_ALL}
+               LOGITS_TO_KEEP: last_only}
         self.run(env)
         self.kv.length = total
         logits = env["logits"][0]
