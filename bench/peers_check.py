@@ -34,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-from peers import LLAMA_PYTHON, run_worker, token_range  # noqa: E402 (bench/ is on the path)
+from peer_workers import LLAMA_PYTHON, run_worker, token_range  # noqa: E402 (bench/ is on the path)
 
 
 def check(args) -> None:

@@ -19,7 +19,9 @@ with the full pool, `optimize` picks:
     target.speed.balanced_fraction of the fastest fitting one's (the experts are the same for all of them), or
     at least target.speed.enough_tok_s (decode outruns any reader there: accuracy alone decides);
   * "quality": the first that fits (most accurate, whatever its speed);
-  * "speed": the fastest (first in search order among equals).
+  * "speed": the fastest (first in search order among equals), over the target's layouts and its fallback
+    layouts (coarser blocks, fewer bytes per token) alike; the exporter then also runs EMO's shared expert
+    inside each QMoE (exporters/onnx.py DecoderBuilder fold_shared).
 The estimate of the chosen plan is in `speed`, and a note says when speed ruled out a more accurate plan.
 Components fixed by the caller (`precision="int4"` or {"experts": "int4"}) are not searched.
 If no assignment fits, the smallest one is taken and the lowest-scored routed experts are trimmed one at a time
@@ -312,13 +314,28 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
     # the target's layouts, then its fallback layouts (coarser blocks) before any expert is trimmed
     variants = [layouts] + [v for v in (effective_layouts(spec, target, f) for f in target.fallback_layouts)
                             if v != layouts]
+    # (--optimize speed: every layout competes, coarser blocks read fewer bytes per token)
+    best = None
     for layouts in variants:
         totals_of = lambda e, pr: _totals(spec, e, implicit, pr, context, target, layouts)  # noqa: E731
         estimate = lambda e, pr, b: _estimate(spec, e, implicit, pr, context, target, layouts, b)  # noqa: E731
         fitting = [(pr, b) for pr in order for b in [totals_of(kept, pr)] if fits(b)]
+        if fitting and optimize == "speed":
+            top = max(estimate(kept, pr, b)["tok_s"] for pr, b in fitting)
+            if best is None or top > best[0]:
+                best = (top, layouts, totals_of, estimate, fitting)
+            continue
         if fitting:
             break
-    if layouts is not variants[0]:
+    if best is not None:
+        _, layouts, totals_of, estimate, fitting = best
+    if layouts is not variants[0] and optimize == "speed" and fitting:
+        notes.append("layout " + ", ".join(f"{c} block {layouts[c]['block_size']} (instead of "
+                                           f"{variants[0][c]['block_size']})" for c in COMPONENTS
+                                           if layouts[c] != variants[0][c])
+                     + ": optimize speed, fewer bytes read per token (--optimize balanced keeps the target's "
+                       "more accurate layout)")
+    elif layouts is not variants[0]:
         notes.append("layout " + ", ".join(f"{c} block {layouts[c]['block_size']} (instead of "
                                            f"{variants[0][c]['block_size']})" for c in COMPONENTS
                                            if layouts[c] != variants[0][c])

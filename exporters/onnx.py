@@ -26,6 +26,7 @@ QMoE (int4/int8) for the routed experts, shared / always-active experts as dense
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -100,8 +101,11 @@ class DecoderBuilder(AttentionMixin):
     """Emits the decoder graph. Call `embedding`, then `layer` for each layer in order, then `head`, `save`."""
 
     def __init__(self, out_dir: Path, dims: ModelDims, prec: Precision, cos: np.ndarray, sin: np.ndarray,
-                 write: Callable | None = None):
+                 write: Callable | None = None, fold_shared: bool = False):
+        """fold_shared: put EMO's one shared expert into the layer's QMoE as its last expert, always selected
+        with weight 1 (see `moe`); off for the swappable exporter, whose pool shards hold routed experts only."""
         self.dir, self.d, self.prec = Path(out_dir), dims, prec
+        self.fold_shared = fold_shared
         self.gqa = dims.head_dim % GQA_HEAD_MULTIPLE == 0  # else attention from standard ops
         self.data = ExternalData(self.dir / "model.onnx.data", write)
         self.g = Graph(self.data, prec)
@@ -198,6 +202,7 @@ class DecoderBuilder(AttentionMixin):
             always_active:  Softmax(concat(all logits)) = p; MoE(routed_logits) * sum(p[:, :r]) (QMoE: weights=p[:, :r])
             implicit:       shared: weight 1 (one) or softmax(implicit_logits); always_active: p[:, r+j]
                             each a dense SwiGLU MLP, added to y
+            fold_shared:    one shared expert, quantized: the QMoE's last expert instead (`_routed_with_shared`)
         """
         g, d, p = self.g, self.d, f"/model/layers.{i}/moe"
         shape_h = g.init(f"{p}/shape_2d", np.array([-1, d.hidden], np.int64))
@@ -213,9 +218,11 @@ class DecoderBuilder(AttentionMixin):
             cat = g.one("Concat", [routed_logits, impl_logits], f"{p}/router/Concat", axis=-1)
             full_p = g.one("Softmax", [cat], f"{p}/router/Softmax_all", axis=-1)
         y = None
-        if lw.routed_k > 0:
-            y = self._routed(p, x, routed_logits, full_p, lw)
         impl = lw.implicit or []
+        if self._folds(lw):
+            y, impl = self._routed_with_shared(p, x, routed_logits, lw), []
+        elif lw.routed_k > 0:
+            y = self._routed(p, x, routed_logits, full_p, lw)
         shared_p = None
         if lw.routing == "shared" and len(impl) > 1:
             shared_p = g.one("Softmax", [impl_logits], f"{p}/router_implicit/Softmax", axis=-1)
@@ -231,6 +238,30 @@ class DecoderBuilder(AttentionMixin):
             y = e if y is None else g.one("Add", [y, e], f"{p}/implicit.{j}/Add")
         shp = g.one("Shape", [x3], f"{p}/Shape")
         return g.one("Reshape", [y, shp], f"{p}/Reshape_out")
+
+    def _folds(self, lw: LayerWeights) -> bool:
+        """Whether this layer's shared expert goes into its QMoE: EMO "shared" routing with one shared expert
+        (weight exactly 1), quantized experts, and un-renormalised top-k weights (QMoE's own softmax of the
+        top-k, norm_topk, would mix the shared expert into the normalisation)."""
+        return (self.fold_shared and lw.routing == "shared" and len(lw.implicit or []) == 1 and lw.routed_k > 0
+                and self.prec.scheme("experts") is not None and not self.d.norm_topk)
+
+    def _routed_with_shared(self, p: str, x: str, logits: str, lw: LayerWeights) -> str:
+        """One QMoE over the routed experts + the shared one (last), k = routed_k + 1:
+
+            routed_logits [N, r] --Pad(+1 column of FORCE_SCORE)--------> scores  [N, r+1] (shared always chosen)
+                                 --Softmax--Pad(+1 column of 1.0)-------> weights [N, r+1] (shared weight 1)
+        Same sum as the routed QMoE + a dense SwiGLU MLP; at decode (one token) the kernel spreads k + 1 = 8
+        experts evenly over the threads instead of 7 experts + 3 MatMulNBits and 5 small nodes after it."""
+        g = self.g
+        pads = g.init(f"{p}/router/shared_pads", np.array([0, 0, 0, 1], np.int64))
+        force = g.init(f"{p}/router/shared_score", np.array(ort_ops.FORCE_SCORE, np.float32))
+        one = g.init(f"{p}/router/shared_weight", np.array(1.0, np.float32))
+        scores = g.one("Pad", [logits, pads, force], f"{p}/router/Pad_scores", mode="constant")
+        soft = g.one("Softmax", [logits], f"{p}/router/Softmax", axis=-1)
+        weights = g.one("Pad", [soft, pads, one], f"{p}/router/Pad_weights", mode="constant")
+        qw = self._pack_qmoe(lw, self.prec.scheme("experts"), extra=lw.implicit)
+        return g.emitted(ort_ops.qmoe(p, x, scores, weights, qw, lw.routed_k + 1, self.prec.accuracy_level, 0))
 
     def _column(self, prefix: str, probs: str, col: int) -> str:
         """probs [N, E] --Slice(col:col+1)--> [N, 1]"""
@@ -286,9 +317,10 @@ class DecoderBuilder(AttentionMixin):
                      swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                      normalize_routing_weights=int(self.d.norm_topk), use_sparse_mixer=0)
 
-    def _pack_qmoe(self, lw: LayerWeights, scheme: QuantScheme) -> QMoEWeights:
-        """Quantize expert by expert into preallocated QMoE arrays (never all experts in float at once)."""
-        d, r = self.d, lw.n_routed
+    def _pack_qmoe(self, lw: LayerWeights, scheme: QuantScheme, extra: list | None = None) -> QMoEWeights:
+        """Quantize expert by expert into preallocated QMoE arrays (never all experts in float at once);
+        `extra` ((gate, up, down) triples) follow the routed experts."""
+        d, r = self.d, lw.n_routed + len(extra or [])
         for name, dim in (("hidden", d.hidden), ("intermediate", d.inter)):
             if dim % scheme.block_size:
                 raise ValueError(f"QMoE needs {name} size {dim} divisible by block_size {scheme.block_size}")
@@ -299,7 +331,7 @@ class DecoderBuilder(AttentionMixin):
         s1 = np.empty((r, 2 * d.inter, d.hidden // scheme.block_size), sdt)
         s2 = np.empty((r, d.hidden, d.inter // scheme.block_size), sdt)
         z1 = z2 = None
-        for e, (gate, up, down) in enumerate(lw.routed()):
+        for e, (gate, up, down) in enumerate(itertools.chain(lw.routed(), extra or [])):
             a = quantize_blockwise(interleave_gate_up(gate, up), scheme)
             b = quantize_blockwise(down, scheme)
             fc1[e], fc2[e], s1[e], s2[e] = a.packed.reshape(2 * d.inter, -1), b.packed.reshape(d.hidden, -1), \

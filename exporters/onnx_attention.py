@@ -7,38 +7,42 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from .onnx_graph import MS
+from .onnx_graph import MS, stacked_bias
 
 
 class AttentionMixin:
     # ---- attention ------------------------------------------------------------------------------------
     def attention(self, i: int, x: str, lw) -> str:  # lw: exporters.onnx.LayerWeights
-        """x [B, S, H] --q/k/v_proj--> GroupQueryAttention(past kv, seqlens_k, rotary cos/sin) --o_proj--> y
+        """x [B, S, H] --qkv_proj--> GroupQueryAttention(packed qkv, past kv, seqlens_k, rotary cos/sin) --o_proj--> y
 
-            x --q_proj--> q --(Cast fp16)--+
-            x --k_proj--> k --(Cast fp16)--+--> GQA(do_rotary=1) --(Cast fp32)--> attn --o_proj--> y
-            x --v_proj--> v --(Cast fp16)--+        |--> present.{i}.key / present.{i}.value
+            x --qkv_proj--> [q | k | v] --(Cast fp16)--> GQA(do_rotary=1) --(Cast fp32)--> attn --o_proj--> y
+                                                             |--> present.{i}.key / present.{i}.value
             (the Casts only with a float16 KV cache: GQA then runs in fp16, cos/sin caches included; an int8
-            cache takes fp32 q/k/v and the layer's static k_scale / v_scale)
+            cache takes fp32 q/k/v and the layer's static k_scale / v_scale). One projection node instead of
+            three: `python bench/op_profile.py` showed the attention projections at 9.5 GB/s against the single
+            lm_head MatMulNBits' 13.4, per-node dispatch at batch 1 being the difference.
         """
         g, d, p = self.g, self.d, f"/model/layers.{i}/attn"
         bq, bk, bv, bo = lw.attn_bias or (None,) * 4
-        q = g.linear(f"{p}/q_proj", x, lw.q, bq, "attention")
-        k = g.linear(f"{p}/k_proj", x, lw.k, bk, "attention")
-        v = g.linear(f"{p}/v_proj", x, lw.v, bv, "attention")
         if not self.gqa:
             if self.prec.kv_cache_dtype == "int8":
                 raise ValueError("an int8 KV cache needs GroupQueryAttention (head_dim % 16 == 0)")
+            q = g.linear(f"{p}/q_proj", x, lw.q, bq, "attention")
+            k = g.linear(f"{p}/k_proj", x, lw.k, bk, "attention")
+            v = g.linear(f"{p}/v_proj", x, lw.v, bv, "attention")
             return g.linear(f"{p}/o_proj", self._attention_plain(i, p, q, k, v), lw.o, bo, "attention")
+        # q, k and v in one projection (their rows stacked: each output row, and each quantization block along
+        # the input, is the same as in three), which GroupQueryAttention takes packed
+        bias = stacked_bias((bq, lw.q), (bk, lw.k), (bv, lw.v))
+        qkv = g.linear(f"{p}/qkv_proj", x, np.concatenate([lw.q, lw.k, lw.v]), bias, "attention")
         half = self.prec.kv_cache_dtype == "float16"
         if half:  # onnxruntime 1.32's CPU GQA also takes fp32 q/k/v with an fp16 cache, but then converts the
             # whole cache to fp32 on every call (measured 20-35x slower per layer); all-fp16 runs at fp32's speed
-            q, k, v = (g.one("Cast", [t], f"{p}/{n}/Cast_fp16", to=TensorProto.FLOAT16) for t, n in
-                       ((q, "q"), (k, "k"), (v, "v")))
+            qkv = g.one("Cast", [qkv], f"{p}/qkv/Cast_fp16", to=TensorProto.FLOAT16)
         name = f"{p}/GroupQueryAttention"
         outs = [f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"]
-        ins = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens_k, self.total_len,
-               self.cos, self.sin]
+        ins = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens_k,
+               self.total_len, self.cos, self.sin]
         quant = {}
         if self.prec.kv_cache_dtype == "int8":  # static per-channel scales (position_ids, bias, sink unused)
             ks, vs = self.prec.kv_scales[i]
@@ -139,4 +143,3 @@ class AttentionMixin:
         o = g.one("MatMul", [pr, vv], f"{p}/out/MatMul")
         o = g.one("Transpose", [o], f"{p}/out/Transpose", perm=[0, 2, 1, 3])
         return g.one("Reshape", [o, g.init(f"{p}/out/shape", np.array([0, 0, -1], np.int64))], f"{p}/out/Reshape")
-

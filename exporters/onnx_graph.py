@@ -190,14 +190,24 @@ class Graph:
     def swiglu_mlp(self, prefix: str, x: str, gate, up, down, component: str, biases=None) -> str:
         """down(silu(gate x + bg) * (up x + bu)) + bd
 
-            x --gate_proj--> g --Sigmoid--> s --Mul(g)--> a --+
-            x --up_proj----> u -------------------------------Mul--> down_proj --> y
+            x --gate_up_proj--> [g | u] --Split--> g --Sigmoid--> s --Mul(g)--> a --+
+                                                   u --------------------------------Mul--> down_proj --> y
+        (gate and up stacked in one projection: the same rows and blocks as two, one node fewer)
         """
         bg, bu, bd = biases or (None, None, None)
-        g = self.linear(f"{prefix}/gate_proj", x, gate, bg, component)
-        u = self.linear(f"{prefix}/up_proj", x, up, bu, component)
+        b = stacked_bias((bg, gate), (bu, up))
+        gu = self.linear(f"{prefix}/gate_up_proj", x, np.concatenate([gate, up]), b, component)
+        sizes = self.init(f"{prefix}/gate_up_split", np.array([gate.shape[0], up.shape[0]], np.int64))
+        g, u = self.node("Split", [gu, sizes], f"{prefix}/gate_up/Split", 2, axis=-1)
         s = self.one("Sigmoid", [g], f"{prefix}/act/Sigmoid")
         a = self.one("Mul", [g, s], f"{prefix}/act/Mul")
         h = self.one("Mul", [a, u], f"{prefix}/Mul")
         return self.linear(f"{prefix}/down_proj", h, down, bd, component)
 
+
+def stacked_bias(*parts) -> np.ndarray | None:
+    """The bias of projections stacked row-wise, from (bias or None, weight [rows, in]) pairs: zeros for a
+    part without one; None when no part has one."""
+    if all(b is None for b, _ in parts):
+        return None
+    return np.concatenate([np.zeros(w.shape[0], np.float32) if b is None else b for b, w in parts])

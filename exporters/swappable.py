@@ -401,7 +401,7 @@ def export_swappable(model: Path, pools: str, budget: str | None, context: int, 
     with scratch(out, BundleError) as work:  # the union's static bundle lives in our marked scratch dir, removed on any exit
         tmp_static = work / "union-static"
         report = pipeline.export(model, pools, None, context, target, precision, tmp_static, False, verify,
-                                 progress, n_verify, optimize=optimize)
+                                 progress, n_verify, optimize=optimize, fold_shared=False)
         with atomic_dir(out, force, error=BundleError) as tmp:
             section = make_swappable(tmp_static, tmp, catalog)
             # no genai_config.json / config.json here: both name model.onnx, which a swappable bundle does not

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import subprocess
 import sys
 
@@ -181,16 +182,19 @@ def test_force_replaces(cli_bundle, tmp_path, variant):
 def test_disk_full_leaves_nothing(variant, tmp_path, monkeypatch):
     from exporters import onnx as onnx_exporter
     from emo_edge.errors import BundleError
-    calls = {"n": 0}
+    calls = {"n": 0, "fail_at": None}
     real = onnx_exporter.ExternalData._put
 
     def put(self, data):
         calls["n"] += 1
-        if calls["n"] > 20:
+        if calls["fail_at"] is not None and calls["n"] > calls["fail_at"]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, data)
 
     monkeypatch.setattr(onnx_exporter.ExternalData, "_put", put)
+    _export(variant("shared1"), "all", tmp_path / "count")  # how many writes a whole export makes
+    shutil.rmtree(tmp_path / "count")
+    calls.update(fail_at=calls["n"] // 2, n=0)  # the disk fills half-way through the weights
     out = tmp_path / "full"
     with pytest.raises(BundleError, match="no space left on device"):
         _export(variant("shared1"), "all", out)
@@ -361,3 +365,32 @@ def test_int8_kv_cache_calibrated_scales(variant, tmp_path):
         for j, name in enumerate(("k_scale", "v_scale")):
             np.testing.assert_allclose(inits[f"/model/layers.{i}/attn/{name}"], amax[i, j] * kv_scales.MARGIN / 127,
                                        rtol=1e-5)
+
+
+def test_speed_export_folds_shared_expert(variant, tmp_path):
+    """--optimize speed puts EMO's shared expert into each layer's QMoE (k = routed_k + 1, no dense MLP beside
+    it): the bundle passes verification against the fp32 reference, and its logits equal those of the same plan
+    exported with the shared expert apart (the same quantized weights, a different kernel) to float rounding."""
+    import onnx
+
+    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.export.pipeline import FOLD_NOTE, export
+
+    ckpt = variant("shared1")
+    spec = CheckpointView(ckpt).spec
+    folded, apart = tmp_path / "folded", tmp_path / "apart"
+    r = export(ckpt, "all", None, CTX, "cpu", "int4", folded, False, True, progress=False, optimize="speed")
+    export(ckpt, "all", None, CTX, "cpu", "int4", apart, False, False, progress=False, optimize="speed",
+           fold_shared=False)
+    assert r["verification"]["passed"], r["verification"]
+    assert r["plan"]["precision"]["experts"] in ("int4", "int8") and FOLD_NOTE in r["plan"]["notes"]
+    moe_layers = [l for l in spec.layers if l.num_experts]
+    for path, extra, mlp in ((folded, 1, 0), (apart, 0, len(moe_layers))):
+        g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+        ks = [next(a.i for a in n.attribute if a.name == "k") for n in g.node if n.op_type == "QMoE"]
+        assert ks == [l.routed_k + extra for l in moe_layers]
+        assert sum(1 for n in g.node if "/implicit.0/" in n.name and n.op_type == "MatMulNBits") == 2 * mlp
+    ids = [5, 17, 99, 3, 250, 42, 7, 8]
+    a, b = _ort_logits(folded / "model.onnx", ids)[0], _ort_logits(apart / "model.onnx", ids)[0]
+    assert np.abs(a - b).max() <= 1e-4 * (b.max() - b.min()), float(np.abs(a - b).max())
+    assert (a.argmax(-1) == b.argmax(-1)).all()

@@ -110,26 +110,29 @@ def test_auto_order_is_most_accurate_first():
 SMALLEST = {**dict.fromkeys(COMPONENTS, "int4"), "kv_cache": "int8"}
 
 
-def _item_total(spec, pool, item, context=4096, fallback=False):
+def _item_total(spec, pool, item, context=4096, fallback=False, which=-1):
     """Total bytes of one search item (four precisions + "kv_cache") with the full pool, at the target's layouts
-    or (`fallback`) its last fallback layouts: the coarsest, where the planner trims."""
+    or (`fallback`) its fallback layouts `which` (default the last: the coarsest, where the planner trims)."""
     from emo_edge.plan import _totals
     from emo_edge.plan_bytes import effective_layouts
     implicit = [list(layer.implicit_experts) for layer in spec.layers]
-    lay = effective_layouts(spec, CPU, CPU.fallback_layouts[-1] if fallback else None)
+    lay = effective_layouts(spec, CPU, CPU.fallback_layouts[which] if fallback else None)
     return _totals(spec, pool, implicit, item, context, CPU, lay)["total"]
 
 
 def test_fallback_layout_keeps_every_expert_before_trimming():
     """Where the full pool fits no assignment at the target's layouts, the planner takes its fallback layout
-    (experts block 128: fewer resident bytes per weight) before it trims an expert, and says so."""
+    (experts block 128: fewer resident bytes per weight) before it trims an expert, and says so: the first
+    fallback that fits (the experts' coarser block before every component's)."""
     spec = emo14b()
     pool = pool32(spec)
-    at_default, at_fallback = _item_total(spec, pool, SMALLEST), _item_total(spec, pool, SMALLEST, fallback=True)
+    at_default = _item_total(spec, pool, SMALLEST)
+    at_fallback = _item_total(spec, pool, SMALLEST, fallback=True, which=0)
+    assert _item_total(spec, pool, SMALLEST, fallback=True) < at_fallback
     assert at_fallback < at_default
     plan = make_plan(spec, pool, at_default - 1, 4096)
     assert not plan.trimmed and plan.experts == pool and plan.bytes["total"] == at_fallback
-    assert plan.layouts["experts"]["block_size"] == CPU.fallback_layouts[-1]["experts"].block_size == 128
+    assert plan.layouts["experts"]["block_size"] == CPU.fallback_layouts[0]["experts"].block_size == 128
     assert plan.layouts["attention"]["block_size"] == CPU.block_size
     assert any("fallback layout" in n and "every expert" in n for n in plan.notes)
     roomy = make_plan(spec, pool, at_default, 4096)
@@ -239,9 +242,9 @@ def test_json_round_trip_and_table():
     again = ExportPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan and ExportPlan.from_json(plan.to_json()) == plan
     assert plan.layer_experts(0) == plan.experts[0] + [127]
-    # trimmed at 1 GB, so at the coarsest (fallback) layout: experts block 128, the rest at the target's block
+    # trimmed at 1 GB, so at the coarsest (last fallback) layout: every component block 128
     assert plan.trimmed and plan.quant_scheme("experts").bits == 4 and plan.quant_scheme("experts").block_size == 128
-    assert plan.quant_scheme("attention").block_size == BS
+    assert BS == 64 and {plan.quant_scheme(c).block_size for c in ("attention", "embedding", "lm_head")} == {128}
     assert plan.quant_scheme("experts") == plan.quant_scheme("experts", "float32")
     table = format_plan(plan)
     for word in ("attention", "experts", "router", "embedding", "lm_head", "kv cache", "overhead", "total"):
@@ -341,11 +344,11 @@ def test_speed_estimate_matches_independent_arithmetic(precision):
     assert plan.speed["context_tokens"] == CPU.speed.context_tokens
 
 
-def _item_speed(spec, pool, item, context=4096):
+def _item_speed(spec, pool, item, context=4096, layout=None):
     from emo_edge.plan import _estimate, _totals
     from emo_edge.plan_bytes import effective_layouts
     implicit = [list(layer.implicit_experts) for layer in spec.layers]
-    lay = effective_layouts(spec, CPU)
+    lay = effective_layouts(spec, CPU, layout)
     return _estimate(spec, pool, implicit, item, context, CPU, lay,
                      _totals(spec, pool, implicit, item, context, CPU, lay))["tok_s"]
 
@@ -364,7 +367,16 @@ def test_auto_balanced_quality_speed():
     plans = {o: make_plan(spec, pool, budget, 4096, optimize=o) for o in ("balanced", "quality", "speed")}
     key = lambda p: {**{c: p.precision[c] for c in COMPONENTS}, "kv_cache": p.kv_cache_dtype}  # noqa: E731
     assert key(plans["quality"]) == fitting[0]
-    assert plans["speed"].speed["tok_s"] == fastest
+    # speed also searches the fallback layouts (coarser blocks: fewer bytes per token); here every component's
+    # block 128 is the fastest, the most accurate of the items at that estimate
+    coarse = CPU.fallback_layouts[-1]
+    coarse_est = [_item_speed(spec, pool, it, layout=coarse) for it in fitting]
+    assert max(coarse_est) > fastest
+    assert plans["speed"].speed["tok_s"] == max(coarse_est)
+    assert key(plans["speed"]) == fitting[coarse_est.index(max(coarse_est))]
+    assert {plans["speed"].layouts[c]["block_size"] for c in COMPONENTS} == {128}
+    assert any("optimize speed, fewer bytes read per token" in n for n in plans["speed"].notes)
+    assert {plans[o].layouts["experts"]["block_size"] for o in ("balanced", "quality")} == {CPU.block_size}
     b = plans["balanced"]
     assert fastest * CPU.speed.balanced_fraction <= b.speed["tok_s"] < CPU.speed.enough_tok_s
     i = fitting.index(key(b))

@@ -27,6 +27,9 @@ class Engine:
     start: budget, backbone_rss, required_one_pool, required_all_pools)."""
 
     kind = "engine"
+    # tokens per prefill run: `python bench/variants.py --variant c256=B:prefill_chunk=256 ...` on the 16-layer
+    # int4 bundle at prompt 1024: 128 / 256 / 512 / 1024 prefill 114.6 / 115.0 / 110.3 / 104.5 tok/s; the
+    # planner's overhead term (targets/cpu.json overhead.prefill_tokens) assumes chunks of at most this
     prefill_chunk = 256
 
     # ---- what a subclass provides ------------------------------------------------------------------------

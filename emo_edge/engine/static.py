@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from ..errors import BundleError, PoolError
-from ..ort_session import cpu_session
+from ..ort_session import cpu_session, session_options
 from .base import MANIFEST, Engine, nothing_swapped
 from .memory import peak_rss, rss
 from .session import LOGITS_TO_KEEP, BoundGraph, KVCache, kv_dtype, shares_kv
@@ -20,8 +20,6 @@ class StaticEngine(Engine):
 
     def __init__(self, root: str | Path, threads: int | None = None, verify_files: bool = True,
                  max_tokens: int | None = None):
-        import onnxruntime as ort
-
         from ..bundle import check_files, read_manifest
         from ..bundle_schema import bundle_file, check_graph_files, read_model_dims
 
@@ -53,12 +51,8 @@ class StaticEngine(Engine):
             check_graph_files(self.root, self.manifest, graph)
         else:
             graph = self.root / dec["filename"]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
         try:
-            self.session_ = cpu_session(str(graph), opts)
+            self.session_ = cpu_session(str(graph), session_options(threads))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{self.root}: onnxruntime cannot load the model ({str(exc).splitlines()[0]})") from None
         self._check_inputs(genai)

@@ -84,8 +84,10 @@ def stage_bar(progress: bool, total: float, desc: str, unit: str):
     return progress_out.bar(total, desc, unit) if progress else progress_out._Silent()
 
 
-def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool, kv_scales=None) -> dict:
-    """`kv_scales`: the int8 KV cache's calibrated scales (export/kv_scales.py) when the plan has one."""
+def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool, kv_scales=None,
+          fold_shared: bool = False) -> dict:
+    """`kv_scales`: the int8 KV cache's calibrated scales (export/kv_scales.py) when the plan has one;
+    `fold_shared`: EMO's shared expert inside each QMoE (exporters/onnx.py DecoderBuilder)."""
     from exporters import onnx as onnx_exporter
 
     from . import weights
@@ -99,7 +101,7 @@ def build(view: CheckpointView, plan: ExportPlan, dst: Path, progress: bool, kv_
                                    dict(plan.layouts), plan.accuracy_level, plan.kv_cache_dtype,
                                    None if kv_scales is None else kv_scales.scales)
     cos, sin = rope_caches(spec, plan.context)
-    b = onnx_exporter.DecoderBuilder(dst, dims, prec, cos, sin)
+    b = onnx_exporter.DecoderBuilder(dst, dims, prec, cos, sin, fold_shared=fold_shared)
     emb_rows = lambda a, c: view.tensor(TensorKey("embed"), rows=np.arange(a, c)).numpy()  # noqa: E731
     head_key = TensorKey("embed" if spec.tie_word_embeddings else "lm_head")
     head_rows = lambda a, c: view.tensor(head_key, rows=np.arange(a, c)).numpy()  # noqa: E731
@@ -165,11 +167,27 @@ def plan_export(view: CheckpointView, pools: str, budget: str | None, context: i
     return Planned(plan, pool_desc, tgt, pending)
 
 
+FOLD_NOTE = ("optimize speed: each layer's shared expert runs as the last expert of its QMoE (always selected, "
+             "weight 1), one kernel instead of four (its logits differ in the last bits from a swappable bundle's, "
+             "which keeps it apart)")
+
+
+def folds_shared(spec, plan: ExportPlan, fold_shared: bool | None = None) -> bool:
+    """Whether an export of `plan` puts EMO's shared expert inside each QMoE: asked for (`fold_shared`; None:
+    under --optimize speed) and possible: quantized experts, a MoE layer with one shared expert, un-renormalised
+    top-k weights (DecoderBuilder._folds decides layer by layer on the same rules)."""
+    wanted = plan.optimize == "speed" if fold_shared is None else fold_shared
+    return (wanted and plan.precision["experts"] in ("int4", "int8") and not spec.norm_topk_prob
+            and any(layer.routing == "shared" and len(layer.implicit_experts) == 1 for layer in spec.layers))
+
+
 def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
            out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int | None = None,
-           optimize: str = "balanced") -> dict:
+           optimize: str = "balanced", fold_shared: bool | None = None) -> dict:
     """`n_verify`: held-out sequences to verify on (None: by model size, see export/verify.py verify_sample);
-    `optimize`: how `auto` chooses among fitting plans (balanced | quality | speed, see emo_edge/plan.py)."""
+    `optimize`: how `auto` chooses among fitting plans (balanced | quality | speed, see emo_edge/plan.py);
+    `fold_shared`: see `build`; None: the plan says (optimize speed, see `folds_shared`). The swappable
+    exporter passes False: its pool shards hold routed experts only."""
     t0 = time.perf_counter()
     if out is not None:  # fail before any work; checked again at the rename
         check_target(out, force)
@@ -177,6 +195,9 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
     spec = view.spec
     planned = plan_export(view, pools, budget, context, target, precision, progress, optimize=optimize)
     plan, pool_desc, tgt, context = planned.plan, planned.pools, planned.target, planned.plan.context
+    fold_shared = folds_shared(spec, plan, fold_shared)
+    if fold_shared:
+        plan = dataclasses.replace(plan, notes=[*plan.notes, FOLD_NOTE])
     if progress:
         progress_out.note(format_plan(plan))
     layers = plan.experts  # the planner may have trimmed experts to fit the budget
@@ -196,7 +217,7 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
                     bar.close()
                 timings["kv_calibration"] = time.perf_counter() - t
             t = time.perf_counter()
-            sizes = build(view, plan, tmp, progress, kv)
+            sizes = build(view, plan, tmp, progress, kv, fold_shared)
             timings["build"] = time.perf_counter() - t
             peak = rss_peak()
             bundle_writer.copy_tokenizer(Path(model), tmp, context)
