@@ -34,11 +34,11 @@ _MADV_DONTNEED = 4
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ [0-9a-f]+ \S+ \d+\s*(.*)$")
 
 
-def session_options(threads: int | None = None, spinning: bool = True):
-    """The engines' onnxruntime session options: `threads` intra-op threads (None/0: onnxruntime's default, one
-    per core), no inter-op pool, errors only in the log. `spinning`: the intra-op threads spin between the
-    nodes of one run (onnxruntime's default; turning it off measured 0.92x decode at prompt 128 on a 16-layer
-    int4 bundle, `python bench/variants.py`); the swappable engine's segments turn it off themselves."""
+def session_options(threads: int | None = None):
+    """The static engine's onnxruntime session options: `threads` intra-op threads (None/0: onnxruntime's
+    default, one per core), no inter-op pool, errors only in the log. The intra-op threads keep spinning between
+    the nodes of one run (onnxruntime's default; turning it off measured 0.92x decode at prompt 128 on a
+    16-layer int4 bundle, `python bench/variants.py`); the swappable engine's segments turn it off themselves."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -46,8 +46,6 @@ def session_options(threads: int | None = None, spinning: bool = True):
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -314,36 +314,31 @@ def make_plan(spec: EmoSpec, pool_union: Sequence[Sequence[int] | None] | None, 
     # the target's layouts, then its fallback layouts (coarser blocks) before any expert is trimmed
     variants = [layouts] + [v for v in (effective_layouts(spec, target, f) for f in target.fallback_layouts)
                             if v != layouts]
-    # (--optimize speed: every layout competes, coarser blocks read fewer bytes per token)
-    best = None
+    best = None  # (fastest estimate, layouts, totals_of, estimate, fitting, their estimates)
     for layouts in variants:
         totals_of = lambda e, pr: _totals(spec, e, implicit, pr, context, target, layouts)  # noqa: E731
         estimate = lambda e, pr, b: _estimate(spec, e, implicit, pr, context, target, layouts, b)  # noqa: E731
         fitting = [(pr, b) for pr in order for b in [totals_of(kept, pr)] if fits(b)]
-        if fitting and optimize == "speed":
-            top = max(estimate(kept, pr, b)["tok_s"] for pr, b in fitting)
-            if best is None or top > best[0]:
-                best = (top, layouts, totals_of, estimate, fitting)
+        if not fitting:
             continue
-        if fitting:
+        ests = [estimate(kept, pr, b) for pr, b in fitting]
+        top = max(e["tok_s"] for e in ests)
+        if best is None or top > best[0]:
+            best = (top, layouts, totals_of, estimate, fitting, ests)
+        if optimize != "speed":  # the first layout that fits; under speed every layout competes
             break
     if best is not None:
-        _, layouts, totals_of, estimate, fitting = best
-    if layouts is not variants[0] and optimize == "speed" and fitting:
+        _, layouts, totals_of, estimate, fitting, ests = best
+    if layouts is not variants[0]:
+        why = (": optimize speed, fewer bytes read per token (--optimize balanced keeps the target's more accurate "
+               "layout)" if optimize == "speed" and fitting else
+               ": the target's fallback layout, fewer resident bytes per weight"
+               + (", so that every expert of the pool fits" if fitting else ", and still experts trimmed"))
         notes.append("layout " + ", ".join(f"{c} block {layouts[c]['block_size']} (instead of "
                                            f"{variants[0][c]['block_size']})" for c in COMPONENTS
-                                           if layouts[c] != variants[0][c])
-                     + ": optimize speed, fewer bytes read per token (--optimize balanced keeps the target's "
-                       "more accurate layout)")
-    elif layouts is not variants[0]:
-        notes.append("layout " + ", ".join(f"{c} block {layouts[c]['block_size']} (instead of "
-                                           f"{variants[0][c]['block_size']})" for c in COMPONENTS
-                                           if layouts[c] != variants[0][c])
-                     + ": the target's fallback layout, fewer resident bytes per weight"
-                     + (", so that every expert of the pool fits" if fitting else ", and still experts trimmed"))
+                                           if layouts[c] != variants[0][c]) + why)
     trimmed: list[dict] = []
     if fitting:
-        ests = [estimate(kept, pr, b) for pr, b in fitting]
         i, why = choose([(pr, e) for (pr, _), e in zip(fitting, ests)], optimize, target.speed.balanced_fraction,
                         target.speed.enough_tok_s)
         (chosen, totals), speed = fitting[i], ests[i]

@@ -97,6 +97,14 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
+def shared_expert_folds(routing: str, n_shared: int, routed_k: int, quantized: bool, norm_topk: bool) -> bool:
+    """Whether a layer's shared expert can run inside its QMoE (DecoderBuilder fold_shared): EMO "shared"
+    routing with one shared expert (weight exactly 1), routed experts, quantized experts (QMoE), and
+    un-renormalised top-k weights (QMoE's own softmax of the top-k, norm_topk, would mix the shared expert
+    into the normalisation)."""
+    return routing == "shared" and n_shared == 1 and routed_k > 0 and quantized and not norm_topk
+
+
 class DecoderBuilder(AttentionMixin):
     """Emits the decoder graph. Call `embedding`, then `layer` for each layer in order, then `head`, `save`."""
 
@@ -240,11 +248,8 @@ class DecoderBuilder(AttentionMixin):
         return g.one("Reshape", [y, shp], f"{p}/Reshape_out")
 
     def _folds(self, lw: LayerWeights) -> bool:
-        """Whether this layer's shared expert goes into its QMoE: EMO "shared" routing with one shared expert
-        (weight exactly 1), quantized experts, and un-renormalised top-k weights (QMoE's own softmax of the
-        top-k, norm_topk, would mix the shared expert into the normalisation)."""
-        return (self.fold_shared and lw.routing == "shared" and len(lw.implicit or []) == 1 and lw.routed_k > 0
-                and self.prec.scheme("experts") is not None and not self.d.norm_topk)
+        return self.fold_shared and shared_expert_folds(lw.routing, len(lw.implicit or []), lw.routed_k,
+                                                        self.prec.scheme("experts") is not None, self.d.norm_topk)
 
     def _routed_with_shared(self, p: str, x: str, logits: str, lw: LayerWeights) -> str:
         """One QMoE over the routed experts + the shared one (last), k = routed_k + 1:

@@ -173,12 +173,14 @@ FOLD_NOTE = ("optimize speed: each layer's shared expert runs as the last expert
 
 
 def folds_shared(spec, plan: ExportPlan, fold_shared: bool | None = None) -> bool:
-    """Whether an export of `plan` puts EMO's shared expert inside each QMoE: asked for (`fold_shared`; None:
-    under --optimize speed) and possible: quantized experts, a MoE layer with one shared expert, un-renormalised
-    top-k weights (DecoderBuilder._folds decides layer by layer on the same rules)."""
+    """Whether an export of `plan` puts EMO's shared expert inside a QMoE: asked for (`fold_shared`; None: under
+    --optimize speed) and possible in some layer (exporters/onnx.py shared_expert_folds, the builder's rule)."""
+    from exporters.onnx import shared_expert_folds
+
     wanted = plan.optimize == "speed" if fold_shared is None else fold_shared
-    return (wanted and plan.precision["experts"] in ("int4", "int8") and not spec.norm_topk_prob
-            and any(layer.routing == "shared" and len(layer.implicit_experts) == 1 for layer in spec.layers))
+    quantized = plan.quant_scheme("experts") is not None
+    return wanted and any(shared_expert_folds(layer.routing, len(layer.implicit_experts), layer.routed_k, quantized,
+                                              spec.norm_topk_prob) for layer in spec.layers)
 
 
 def export(model: Path, pools: str, budget: str | None, context: int | None, target: str, precision: str,
