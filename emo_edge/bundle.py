@@ -14,8 +14,10 @@ SCHEMA_VERSION = 1
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    from .schema import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, BundleError) as f:
         while True:
             b = f.read(chunk)
             if not b:
@@ -58,7 +60,10 @@ def pool_matches(manifest: dict, pool_file: str | Path) -> None:
 
     data = load_json(pool_file, BundleError, "pool file not found")
     layers = validate(data, PoolFile, str(pool_file), BundleError).layers
-    remap = manifest["experts"]
+    remap = manifest.get("experts")
+    if not isinstance(remap, list) or not all(isinstance(r, dict) for r in remap):
+        raise BundleError(f"{MANIFEST}: field 'experts' is missing or not a list of layer records, so the bundle's "
+                          f"experts cannot be matched against {pool_file}")
     if len(layers) != len(remap):
         raise BundleError(f"{pool_file}: has {len(layers)} layers, the bundle has {len(remap)}")
     for entry, rec in zip(layers, remap):

@@ -17,6 +17,7 @@ accepted, but then everything loaded is what it hashes. So:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -131,11 +132,20 @@ class Swappable(Schema):
     model: Optional[ModelDims] = None  # the decoder dims (newer bundles); older ones have genai_config.json
 
 
+class PoolRecord(Schema):
+    """A pool a bundle was exported for (manifest 'pools'): its name and per-layer source expert ids."""
+    name: Str
+    method: Optional[Str] = None
+    layers: list[Optional[list[Count]]]
+
+
 class Manifest(Schema):
     schema_version: Literal[1]
     kind: Optional[Str] = None
     files: dict[Str, FileEntry]
     experts: list[LayerExperts] = []
+    pools: list[PoolRecord] = []
+    context_length: Optional[Positive] = None
     source: Optional[Source] = None
     swappable: Optional[Swappable] = None
 
@@ -207,9 +217,19 @@ def onnx_external_files(path: Path) -> list[str]:
 
 
 def check_graph_files(root: Path, manifest: dict, graph: Path) -> None:
-    """The graph's external-data files are plain names inside the bundle and listed in `files`."""
+    """The graph's external-data files are plain names inside the bundle and listed in `files`. onnxruntime
+    resolves a location relative to the graph's own directory, so that is where it is looked up here too: a graph
+    at sub/model.onnx naming model.onnx.data reads sub/model.onnx.data, which must itself be listed and hashed."""
+    try:
+        sub = Path(os.path.relpath(graph.parent, root))
+    except ValueError:
+        raise BundleError(f"{graph}: not inside the bundle {root}") from None
     for loc in onnx_external_files(graph):
-        bundle_file(root, manifest, loc, f"{graph}: external data of tensor")
+        if not isinstance(loc, str) or not loc:
+            raise BundleError(f"{graph}: external data of a tensor names no file")
+        name = loc if sub == Path(".") else (sub / loc).as_posix()
+        bundle_file(root, manifest, name, f"{graph}: external data of tensor ({loc!r}, resolved from the graph's "
+                                          f"directory)")
 
 
 def read_manifest(root: Path) -> dict:

@@ -22,7 +22,6 @@ import hashlib
 import math
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,19 +72,10 @@ class _ShardIndex(Schema):
 def _open_regular(path: Path):
     """`path` opened for reading, refused unless it is a regular file (a FIFO or device would block or never
     end); returns (file, size)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    st = os.fstat(f.fileno())
-    if not stat.S_ISREG(st.st_mode):
-        f.close()
-        raise CheckpointError(f"{path}: not a regular file")
-    return f, st.st_size
+    from .schema import open_regular
+
+    f = open_regular(path, CheckpointError, "missing")
+    return f, os.fstat(f.fileno()).st_size
 
 
 def _read_header_bytes(path: Path) -> tuple[bytes, int]:
@@ -266,7 +256,7 @@ class CheckpointView:
     def _map(self, file: str) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
-            with open(self.root / file, "rb") as f:
+            with _open_regular(self.root / file)[0] as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[file] = mm
         return mm

@@ -77,10 +77,16 @@ def is_bundle(path: str | Path) -> bool:
             and (isinstance(data.get("emo_edge_version"), str) or data.get("kind") in ("static", "swappable")))
 
 
+CHECKPOINT_MARKER = "emo_edge_checkpoint.json"  # written beside config.json by every checkpoint emo-edge writes
+
+
 def is_checkpoint(path: str | Path) -> bool:
-    """A real directory holding an EMO config.json (what `synth` and `train` write)."""
+    """A real directory holding an EMO config.json and our marker (what `synth` and `train` write): a checkpoint
+    someone else made, a downloaded one included, is never ours to replace."""
     data = _marker_json(path, "config.json")
-    return isinstance(data, dict) and data.get("model_type") == "emo"
+    mark = _marker_json(path, CHECKPOINT_MARKER)
+    return (isinstance(data, dict) and data.get("model_type") == "emo" and isinstance(mark, dict)
+            and mark.get("written_by") == "emo-edge")
 
 
 def dir_of(pattern: str) -> Callable[[Path], bool]:

@@ -117,22 +117,46 @@ def parse_json(text: str | bytes, where: str, error: type[EmoEdgeError] = EmoEdg
     return data
 
 
-def read_bounded(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
-                 max_bytes: int = MAX_JSON_BYTES, regular: bool = True, limit_note: str = "") -> bytes:
-    """At most `max_bytes` of `path`, refusing more (so /dev/zero or a huge file is one line, not a MemoryError);
-    `regular`: refuse anything but a regular file (pipes such as `--calib <(...)` need regular=False)."""
+def open_regular(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
+                 regular: bool = True):
+    """`path` opened for binary reading without blocking on what it is: the open is non-blocking, so a FIFO with
+    no writer cannot hang it, and anything but a regular file is refused (`regular=False` lets pipes and FIFOs
+    through, read in blocking mode: `--calib <(...)`). Every reader of a file a user or a bundle names opens it
+    here."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            if regular and not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise error(f"{path}: not a regular file")
-            raw = f.read(max_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
     except IsADirectoryError:
         raise error(f"{path}: is a directory, expected a file") from None
     except OSError as exc:
         raise error(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise error(f"{path}: is a directory, expected a file")
+        if not stat.S_ISREG(mode) and (regular or not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode))):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+            raise error(f"{path}: {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: str | Path, error: type[EmoEdgeError] = EmoEdgeError, missing: str = "not found",
+                 max_bytes: int = MAX_JSON_BYTES, regular: bool = True, limit_note: str = "") -> bytes:
+    """At most `max_bytes` of `path`, refusing more (so /dev/zero or a huge file is one line, not a MemoryError);
+    `regular`: refuse anything but a regular file (pipes such as `--calib <(...)` need regular=False)."""
+    path = Path(path)
+    with open_regular(path, error, missing, regular) as f:
+        try:
+            raw = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read ({exc.strerror})") from None
     if len(raw) > max_bytes:
         raise error(f"{path}: larger than {max_bytes >> 20} MiB{limit_note or '; not a file emo-edge writes or reads'}")
     return raw

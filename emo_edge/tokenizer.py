@@ -20,12 +20,16 @@ SPECIALS = (EOS, PAD)
 MAX_TOKENIZER_BYTES = 256 << 20  # real tokenizer.json files are a few MB (dolma2's: ~7 MB)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
-    """Train a byte-level BPE on `texts`; returns tokenizer.json text. Deterministic for the same input."""
+def train_bpe(texts: Iterable[str], vocab_size: int, split_digits: bool = False) -> str:
+    """Train a byte-level BPE on `texts`; returns tokenizer.json text. Deterministic for the same input.
+    `split_digits`: every digit is a token of its own (numbers are read and written digit by digit, which is what
+    lets a small model learn arithmetic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -58,6 +62,83 @@ def tokenizer_config(model_max_length: int = 4096) -> dict:
     }
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+# What a tokenizer.json may hold, beyond what the library parses: no padding or truncation (a fixed padding of
+# 10^9 tokens aborts the process on allocation; emo-edge pads nothing), and no regex whose shape backtracks
+# without bound (a quantified group that itself holds a quantifier: "(a+)+"), in pre-tokenizers and normalizers.
+_NESTED_QUANTIFIER = None
+
+
+def _backtracks(pattern: str) -> bool:
+    """True when `pattern` quantifies a group that contains a quantifier or an alternation (the catastrophic
+    shapes: "(a+)+", "(a|aa)+"), or uses a backreference. A heuristic on the text, conservative: the
+    pre-tokenizer regexes of GPT-2, cl100k/dolma2 and Llama 3 pass it."""
+    import re
+
+    global _NESTED_QUANTIFIER
+    if _NESTED_QUANTIFIER is None:
+        _NESTED_QUANTIFIER = re.compile(r"\\[1-9]|\\k<")
+    if _NESTED_QUANTIFIER.search(pattern):
+        return True
+    stack: list[bool] = []  # per open group: does it hold a quantifier?
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            stack.append(False)
+        elif c == ")":
+            inner = stack.pop() if stack else False
+            nxt = pattern[i + 1:i + 2]
+            quantified = nxt in ("+", "*") or (nxt == "{" and re.match(r"\{\d*,?\d*\}", pattern[i + 1:]) is not None)
+            if inner and quantified:
+                return True
+            if stack and (inner or quantified):
+                stack[-1] = True
+        elif c in "+*|" or (c == "{" and re.match(r"\{\d*,?\d*\}", pattern[i:])):
+            if stack:  # a quantifier, or an alternation (whose branches can overlap: "(a|aa)+")
+                stack[-1] = True
+        i += 1
+    return False
+
+
+def _regexes(node, where: str):
+    """(where, pattern) of every {"Regex": ...} pattern in a tokenizer.json subtree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "Regex" and isinstance(v, str):
+                yield where, v
+            else:
+                yield from _regexes(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _regexes(v, f"{where}[{i}]")
+
+
+def check_tokenizer_json(data, where: str) -> None:
+    if not isinstance(data, dict):
+        raise EmoEdgeError(f"{where}: not a tokenizer (a JSON object expected)")
+    for key in ("padding", "truncation"):
+        if data.get(key) is not None:
+            raise EmoEdgeError(f"{where}: field '{key}' must be null (emo-edge neither pads nor truncates; a "
+                               f"tokenizer that does would change every prompt)")
+    for part in ("normalizer", "pre_tokenizer"):
+        for loc, pattern in _regexes(data.get(part), part):
+            if len(pattern) > 1000 or _backtracks(pattern):
+                raise EmoEdgeError(f"{where}: field '{loc}': regex {pattern[:60]!r} can backtrack without bound "
+                                   f"(a quantified group holding a quantifier or an alternation, or a backreference); refused")
+
+
 class TextTokenizer:
     """A thin wrapper over a tokenizer.json: encode/decode and the vocabulary."""
 
@@ -65,29 +146,38 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(path)
+        from .schema import parse_json, read_bounded
+
+        raw = read_bounded(self.path, EmoEdgeError, "not found", MAX_TOKENIZER_BYTES,
+                           limit_note=f"; a tokenizer.json is at most {MAX_TOKENIZER_BYTES >> 20} MiB")
+        check_tokenizer_json(parse_json(raw, str(self.path)), str(self.path))
         try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            raise EmoEdgeError(f"{self.path}: cannot load tokenizer ({exc.strerror})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise EmoEdgeError(f"{self.path}: cannot load tokenizer (not a regular file)")
-        if st.st_size > MAX_TOKENIZER_BYTES:
-            raise EmoEdgeError(f"{self.path}: {st.st_size} bytes; a tokenizer.json is at most "
-                               f"{MAX_TOKENIZER_BYTES >> 20} MiB")
-        try:
-            self._tok = Tokenizer.from_file(str(self.path))
-        except Exception as exc:  # the tokenizers library raises a bare Exception on bad files
-            raise EmoEdgeError(f"{self.path}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except BaseException as exc:  # a bare Exception on bad files; a pyo3 PanicException (BaseException) on worse
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise EmoEdgeError(f"{self.path}: cannot load tokenizer ({_first_line(exc)})") from None
+
+    def _failed(self, exc: BaseException, what: str) -> EmoEdgeError:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise exc
+        return EmoEdgeError(f"{self.path}: the tokenizer failed to {what} ({_first_line(exc)})")
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except BaseException as exc:  # noqa: BLE001 - a panic inside the library is a PanicException
+            raise self._failed(exc, "encode") from None
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        try:
+            return self._tok.decode(list(ids), skip_special_tokens=False)
+        except BaseException as exc:  # noqa: BLE001
+            raise self._failed(exc, "decode") from None
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

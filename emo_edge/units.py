@@ -46,4 +46,7 @@ def parse_int_list(text: str, option: str, error: type[EmoEdgeError] = EmoEdgeEr
         raise error(f"{option} '{text}' must be comma-separated integers") from None
     if not values and not allow_empty:
         raise error(f"{option} is empty")
+    big = next((v for v in values if not -(1 << 62) <= v < 1 << 62), None)
+    if big is not None:
+        raise error(f"{option}: {str(big)[:24]}{'...' if len(str(big)) > 24 else ''} is out of range")
     return values

@@ -97,7 +97,11 @@ def write_checkpoint(
 
 def _write_files(tmp: Path, config: dict, shapes: dict[str, tuple[int, ...]], produce, dtype: str,
                  shard_size: int | None, extra_files: dict[str, bytes], progress) -> None:
-    """The checkpoint's files, into the (empty) directory `tmp`."""
+    """The checkpoint's files, into the (empty) directory `tmp`, with the marker that says emo-edge wrote it."""
+    from . import __version__
+    from .fsutil import CHECKPOINT_MARKER
+
+    (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"written_by": "emo-edge", "emo_edge_version": __version__}) + "\n")
     shards = plan_shards(shapes, dtype, shard_size)
     files = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

@@ -160,3 +160,40 @@ def test_committed_data_sets():
     for d in HELDOUT_DOMAINS:
         texts = heldout_texts(d)
         assert texts and sum(map(len, texts)) < 300_000
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    """A run stopped after step 2 and started again finishes with exactly the weights of an uninterrupted run:
+    model, optimizer, data order and routing draws all come back from the saved state (safetensors + JSON)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from emo_edge.train.loop import prepare_data, quick_config, train_one
+
+    cfg = replace(quick_config(), ckpt_minutes=0.0)
+    work = tmp_path / "work"
+    prepare_data(cfg, work, log=lambda m: None)
+
+    def weights(out):
+        return load_file(str(out / "emo-tiny" / "model.safetensors"))
+
+    train_one("emo", cfg, work, tmp_path / "a", "test", log=lambda m: None)
+    for f in work.glob("emo-tiny.state*"):
+        import shutil
+        shutil.rmtree(f)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_three(msg):
+        if "step 3/" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_one("emo", cfg, work, tmp_path / "b", "test", log=stop_at_three)
+    seen = []
+    train_one("emo", cfg, work, tmp_path / "b", "test", log=seen.append)
+    assert any("resumed" in m and "step 2/4" in m for m in seen), seen
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

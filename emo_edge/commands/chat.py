@@ -14,7 +14,7 @@ import threading
 import click
 
 from ..units import fmt_bytes
-from .options import NEW_TOKENS, POSITIVE, SEED, TEMPERATURE, THREADS, TOP_P
+from .options import NEW_TOKENS, POSITIVE, SEED, TEMPERATURE, TEXT, THREADS, TOP_P
 
 COMMANDS = (
     ("/help", "list these commands"),
@@ -190,7 +190,7 @@ def register(cli: click.Group) -> None:
     @click.option("--pool", "pool", default="auto", show_default=True,
                   help="auto (best catalog pool for each message), doc (ad-hoc pool from each message), a catalog "
                        "pool name, or a pool JSON file.")
-    @click.option("--prompt", default=None, help="One message (otherwise a conversation on stdin).")
+    @click.option("--prompt", default=None, type=TEXT, help="One message (otherwise a conversation on stdin).")
     @click.option("--max-new-tokens", default=32, show_default=True, type=NEW_TOKENS,
                   help="Tokens per answer, fewer than the context.")
     @click.option("--max-tokens", default=512, show_default=True, type=POSITIVE, help="KV cache reserve (tokens).")

@@ -1,4 +1,5 @@
-"""`emo-edge eval CKPT --pool math [--text FILE] [--sweep 0.5,0.25,0.125 [--plot out.png]]`: perplexity of the
+"""`emo-edge eval MODEL --tasks math,code [--sweep 1,0.5,0.25,0.125] [--budget 1GB,2GB] ...`: accuracy in points
+(task files, emo_edge/evaluate); `emo-edge eval CKPT --pool math [--text FILE] [--sweep ...]`: perplexity of the
 full model and of the pool-restricted model on held-out text (streaming, layer by layer)."""
 
 from __future__ import annotations
@@ -92,9 +93,26 @@ def plot_retention(path: str, rows: list[tuple[float, float]], title: str, force
 def register(cli: click.Group) -> None:
     @cli.command("eval")
     @model_option
-    @click.option("--pool", "pool_names", required=True,
+    @click.option("--tasks", help="Accuracy mode: built-in task sets (math = equations + arithmetic, code; or "
+                  "equations, arithmetic) or task files (JSONL: prompt + answer [+ extract], or prompt + choices + "
+                  "label), comma-separated. Works on checkpoints and bundles.")
+    @click.option("--extract", type=click.Choice(["last_x", "last_int", "first_line"]),
+                  help="With --tasks: the extraction rule of exact-answer lines that name none.")
+    @click.option("--budget", "budgets", help="With --tasks on a checkpoint: comma-separated budgets (e.g. "
+                  "1GB,2GB,4GB); each is planned and exported exactly as `export --budget` would and scored "
+                  "through the engine.")
+    @click.option("--precision", help="With --tasks --sweep on a checkpoint: also score each slice exported at "
+                  "this precision (e.g. int4) through the engine.")
+    @click.option("--twin", help="With --tasks on a checkpoint: a second checkpoint (e.g. a standard MoE) given "
+                  "the same rows, for comparison.")
+    @click.option("--limit", type=POSITIVE, help="With --tasks: the first N items of each task set.")
+    @click.option("--max-new-tokens", type=POSITIVE, default=160, show_default=True,
+                  help="With --tasks: the most tokens a completion may take.")
+    @click.option("--json", "as_json", is_flag=True, help="With --tasks: print the rows as JSON.")
+    @click.option("--pool", "pool_names",
                   help="Pool(s): catalog names, built-in domains (math, code, prose, chat) or pool .json files; "
-                       "a comma-separated list means their union.")
+                       "a comma-separated list means their union. Required for perplexity; with --tasks the "
+                       "model is also scored restricted to it (a swappable bundle: the pool it serves).")
     @click.option("--text", "text_files", multiple=True,
                   help="Held-out text (JSONL or blank-line-separated plain text); default for a built-in domain: "
                        "its built-in held-out set.")
@@ -107,12 +125,25 @@ def register(cli: click.Group) -> None:
     @click.option("--plot", help="With --sweep: draw the retention curve to this PNG.")
     @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
     @click.option("--catalog", help="Catalog directory.")
-    def eval_cmd(model, pool_names, text_files, max_docs, max_tokens, sweep, calib, method, plot, force, catalog):
-        """Perplexity of the full model vs the pool-restricted model on held-out text, and their ratio."""
+    def eval_cmd(model, tasks, extract, budgets, precision, twin, limit, max_new_tokens, as_json, pool_names,
+                 text_files, max_docs, max_tokens, sweep, calib, method, plot, force, catalog):
+        """Accuracy in points on task sets (--tasks), or perplexity of the full vs the pool-restricted model on
+        held-out text, and their ratio."""
         from ..checkpoint import CheckpointView
         from ..models import resolve_model
         from ..pools import BUILTIN_DOMAINS
 
+        if tasks:
+            from .eval_tasks import run_tasks
+
+            return run_tasks(model, tasks, extract, budgets, precision, twin, limit, max_new_tokens, as_json,
+                             pool_names, sweep, method, plot, force, catalog)
+        for flag, value in (("--extract", extract), ("--budget", budgets), ("--precision", precision),
+                            ("--twin", twin), ("--limit", limit), ("--json", as_json)):
+            if value:
+                raise PoolError(f"{flag} belongs to accuracy mode: give --tasks (e.g. --tasks math,code)")
+        if not pool_names:
+            raise PoolError("give --pool NAME (perplexity mode) or --tasks SETS (accuracy mode)")
         check_plot(plot, sweep, force)
         fractions = _fractions(sweep) if sweep else None
         view = CheckpointView(resolve_model(model))

@@ -13,7 +13,7 @@ from ..errors import BundleError, EmoEdgeError
 from ..fsutil import atomic_write
 from ..progress import note
 from ..units import parse_int_list
-from .options import model_option
+from .options import TEXT, model_option
 
 
 def parse_ids(text: str) -> list[int]:
@@ -66,7 +66,7 @@ def register(cli: click.Group) -> None:
     @cli.command("logits")
     @model_option
     @click.option("--ids", help="Comma-separated token ids.")
-    @click.option("--text", help="Text to tokenize instead of --ids.")
+    @click.option("--text", type=TEXT, help="Text to tokenize instead of --ids.")
     @click.option("--pool", "pool", help="Restrict routing to a pool: a catalog name or built-in domain (math, code, "
                   "...; comma-separated: their union), or a pool file {\"layers\": [[ids] or null, ...]} (source "
                   "numbering).")
@@ -85,7 +85,7 @@ def register(cli: click.Group) -> None:
         if os.path.lexists(out) and not force:
             raise EmoEdgeError(f"--out {out}: already exists (use --force to replace it)")
         path = resolve_model(model)
-        if (path / "manifest.json").is_file():
+        if os.path.lexists(path / "manifest.json"):  # a bundle (its loader says what is wrong with the manifest)
             from ..bundle_logits import bundle_logits  # device side: no torch
             from ..engine import is_swappable
 

@@ -7,13 +7,13 @@ import click
 
 from ..errors import BundleError
 
-from .options import NEW_TOKENS, SEED, TEMPERATURE, THREADS, TOP_P
+from .options import NEW_TOKENS, SEED, TEMPERATURE, TEXT, THREADS, TOP_P
 
 
 def register(cli: click.Group) -> None:
     @cli.command("run")
     @click.argument("bundle")
-    @click.option("--prompt", required=True, help="Prompt text.")
+    @click.option("--prompt", required=True, type=TEXT, help="Prompt text.")
     @click.option("--max-new-tokens", default=64, show_default=True, type=NEW_TOKENS, help="At least 1.")
     @click.option("--temperature", default=0.0, show_default=True, type=TEMPERATURE, help="0 = greedy; >= 0.")
     @click.option("--top-p", default=1.0, show_default=True, type=TOP_P, help="Nucleus sampling mass, in (0, 1].")

@@ -38,6 +38,44 @@ def _ready_line(engine) -> None:
                f"pool needs {mem['required_one_pool'] / 2**20:.0f} MiB{budget}", err=True)
 
 
+def resolve_api_key(option: str | None, path: str | None) -> str | None:
+    """The API key from --api-key, --api-key-file (not readable by others) or $EMO_EDGE_API_KEY, at most one."""
+    import os
+    import stat
+
+    from ..errors import EmoEdgeError
+    from ..schema import read_bounded
+
+    env = os.environ.get("EMO_EDGE_API_KEY")
+    given = [n for n, v in (("--api-key", option), ("--api-key-file", path), ("EMO_EDGE_API_KEY", env)) if v]
+    if len(given) > 1:
+        raise EmoEdgeError(f"the API key is given twice ({' and '.join(given)}); give one")
+    if path:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise EmoEdgeError(f"--api-key-file {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise EmoEdgeError(f"--api-key-file {path}: not a regular file")
+        if st.st_mode & 0o077:
+            raise EmoEdgeError(f"--api-key-file {path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                               f"chmod 600 it")
+        raw = read_bounded(path, EmoEdgeError, "not found", 64 << 10)
+        try:
+            option = raw.decode("utf-8").splitlines()[0] if raw.strip() else ""
+        except UnicodeDecodeError:
+            raise EmoEdgeError(f"--api-key-file {path}: not UTF-8 text") from None
+    elif env:
+        option = env
+    if option is not None:
+        option = option.strip()
+        if not option:
+            raise EmoEdgeError(f"{given[0]}: the API key is empty")
+        if any(ord(c) < 33 or ord(c) > 126 for c in option):
+            raise EmoEdgeError(f"{given[0]}: the API key must be printable ASCII without spaces")
+    return option
+
+
 def _loopback(addr: str) -> bool:
     import ipaddress
 
@@ -68,24 +106,37 @@ def register(cli: click.Group) -> None:
     @click.option("--budget", default=None, help=BUDGET_HELP)
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
     @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-    @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics.")
+    @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics. "
+                  "Visible to every local user in `ps`: prefer $EMO_EDGE_API_KEY or --api-key-file.")
+    @click.option("--api-key-file", default=None, help="Read the API key from this file (its first line); refused "
+                  "when others can read it (chmod 600). The environment variable EMO_EDGE_API_KEY works too.")
+    @click.option("--allow-host", "allow_hosts", multiple=True, help="Also accept requests whose Host header names "
+                  "this (repeatable; '*' for any). By default only the listening address and localhost are "
+                  "accepted, which stops DNS-rebinding pages.")
+    @click.option("--allow-origin", "allow_origins", multiple=True, help="Let web pages of this origin (e.g. "
+                  "http://localhost:3000) call the API (CORS; repeatable). Other cross-origin requests are 403.")
     @click.option("--max-tokens", default=1024, show_default=True, type=POSITIVE,
                   help="Tokens one sequence may hold (prompt + answer; at most the bundle's context).")
     @click.option("--aging", "aging", default=4, show_default=True, type=click.IntRange(0, 10_000),
                   help="A request passed over this many times by later ones (for the resident pool) is served next.")
     @click.option("--no-pool-grouping", is_flag=True, help="Serve strictly in arrival order (FIFO), for comparison.")
     @click.option("--threads", default=None, type=THREADS, help="onnxruntime intra-op threads (0 = its default).")
-    def serve_cmd(bundle, budget, host, port, api_key, max_tokens, aging, no_pool_grouping, threads):
+    def serve_cmd(bundle, budget, host, port, api_key, api_key_file, allow_hosts, allow_origins, max_tokens, aging,
+                  no_pool_grouping, threads):
         from pathlib import Path
 
         from ..errors import BundleError, EmoEdgeError
         from ..units import parse_size
 
+        api_key = resolve_api_key(api_key, api_key_file)
         if not Path(bundle, "manifest.json").is_file():
             raise BundleError(f"{bundle}: not a bundle (no manifest.json)")
-        if api_key is not None and not api_key.strip():
-            raise EmoEdgeError("--api-key: empty")
         budget_bytes = parse_size(budget, "--budget") if budget is not None else None
+        from ..engine.swappable import is_swappable
+
+        if budget_bytes is not None and not is_swappable(bundle):
+            raise EmoEdgeError(f"--budget: {bundle} is a static bundle, whose memory was planned when it was "
+                               f"exported (its report.json says how much); --budget applies to swappable bundles")
         uvicorn = _imports()
         from ..serve.app import ServerState, create_app
         from ..engine import open_engine
@@ -101,7 +152,7 @@ def register(cli: click.Group) -> None:
                                                 progress=lambda msg: click.echo(msg, err=True)),
                             api_key, aging, not no_pool_grouping, budget_bytes, on_load_error=stop_on_error,
                             on_ready=_ready_line)
-        server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", access_log=False))
+        server = uvicorn.Server(uvicorn.Config(create_app(state, host, allow_hosts, allow_origins), log_level="warning", access_log=False))
         server_box.append(server)
         shown = sock.getsockname()
         if api_key is None and not _loopback(shown[0]):

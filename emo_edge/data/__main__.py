@@ -6,9 +6,11 @@ import json
 
 from . import CALIB_DOMAINS, DATA_DIR, HELDOUT_DOMAINS
 from .generators import generate
+from .tasks import TASK_FAMILIES, heldout_tasks
 
 N_CALIB = 32
 HELDOUT_BYTES = 150_000  # per domain, well under the 300 KB limit
+N_TASKS = 200  # held-out items per task family
 
 
 def _write(path, texts):
@@ -30,6 +32,13 @@ def main() -> None:
             size += len(t) + 12
         _write(DATA_DIR / "heldout" / f"{d}.jsonl", docs)
         print(f"heldout/{d}.jsonl: {len(docs)} docs")
+    for family in TASK_FAMILIES:
+        path = DATA_DIR / "tasks" / f"{family}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for item in heldout_tasks(family, N_TASKS):
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        print(f"tasks/{family}.jsonl: {N_TASKS} items")
 
 
 if __name__ == "__main__":

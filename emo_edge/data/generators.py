@@ -45,18 +45,6 @@ def _pick(rng: random.Random, xs):
 
 # ---------------------------------------------------------------------------------------------------------
 # math: worked arithmetic and algebra solutions
-def _m_linear(rng):
-    a, x = rng.randint(2, 12), rng.randint(-15, 20)
-    b = rng.randint(-30, 30)
-    c = a * x + b
-    bs = f"+ {b}" if b >= 0 else f"- {-b}"
-    op = "Subtract" if b >= 0 else "Add"
-    return (f"Solve for x: {a}x {bs} = {c}.",
-            f"{op} {abs(b)} on both sides: {a}x = {c} {'-' if b >= 0 else '+'} {abs(b)} = {c - b}.\n"
-            f"Divide both sides by {a}: x = {c - b} / {a} = {x}.\n"
-            f"Check: {a} * ({x}) {bs} = {a * x} {bs} = {c}. Correct.\nAnswer: x = {x}")
-
-
 def _m_word(rng):
     n, p, k = rng.randint(3, 40), rng.randint(2, 15), rng.randint(2, 6)
     who, item = _pick(rng, NAMES), _pick(rng, ITEMS)
@@ -148,7 +136,9 @@ def _m_area(rng):
             f"Answer: area {w * h}, perimeter {2 * (w + h)}")
 
 
-MATH_PROBLEMS = [_m_linear, _m_word, _m_mult, _m_frac, _m_quad, _m_system, _m_percent, _m_order, _m_sequence, _m_area]
+# Linear equations are the exact-answer template of tasks.py; they come as task documents only (never inside
+# these multi-problem documents), so the held-out equations can be kept out of training exactly.
+MATH_PROBLEMS = [_m_word, _m_mult, _m_frac, _m_quad, _m_system, _m_percent, _m_order, _m_sequence, _m_area]
 
 
 def gen_math(rng: random.Random) -> str:
@@ -424,8 +414,22 @@ DOMAIN_SEED = {"math": 101, "code": 202, "prose": 303, "chat": 404, "records": 5
 
 
 def generate(domain: str, n: int, split: str) -> list[str]:
-    """`n` documents of `domain` for `split` ("train", "heldout" or "calib"); splits use disjoint seeds."""
+    """`n` documents of `domain` for `split` ("train", "heldout" or "calib"); splits use disjoint seeds.
+
+    Calibration and held-out `math` and `code` documents alternate with groups of exact-answer task documents
+    (tasks.py), so pools are discovered on, and perplexity is measured over, both kinds of text the domain holds.
+    Training adds its task documents separately (train/data.py), in larger numbers.
+    """
+    from .tasks import TASK_DOMAIN, task_document
+
     offset = {"train": 0, "heldout": 7_000_000, "calib": 9_000_000}[split]
     rng = random.Random(DOMAIN_SEED[domain] * 1_000_003 + offset)
     gen = GENERATORS[domain]
-    return [gen(rng) for _ in range(n)]
+    families = [f for f, d in TASK_DOMAIN.items() if d == domain] if split != "train" else []
+    out = []
+    for i in range(n):
+        if families and i % 2 == 1:
+            out.append("\n\n".join(task_document(families[j % len(families)], rng)[1] for j in range(6)))
+        else:
+            out.append(gen(rng))
+    return out

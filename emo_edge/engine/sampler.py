@@ -68,8 +68,12 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     smallest set of most likely tokens whose mass reaches `top_p`."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        # shifted before dividing: a tiny temperature (1e-320) sends the others to -inf, never the max to inf
+        z = (z - z.max()) / temperature
+        p = np.exp(z)
+    p = np.where(np.isnan(p), 0.0, p)
     p /= p.sum()
     if top_p < 1.0:
         order = np.argsort(-p)

@@ -32,7 +32,7 @@ from typing import Annotated, Optional
 from pydantic import Field
 
 from ..checkpoint import CheckpointView
-from ..errors import PoolError
+from ..errors import EmoEdgeError, PoolError
 from ..fsutil import atomic_write
 from ..hfconfig import MAX_LAYERS
 from ..models import hf_cache_entry
@@ -141,7 +141,7 @@ class PoolEntry(PoolFile):
 
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name or ""):
-        raise PoolError(f"pool name '{name}' is not valid (letters, digits, '.', '_', '-', '@', '+'; at most 64)")
+        raise PoolError(f"pool name {name!r} is not valid (letters, digits, '.', '_', '-', '@', '+'; at most 64)")
     return name
 
 
@@ -178,7 +178,7 @@ class Catalog:
         check_name(name)
         for d, ro in self._dirs():
             p = d / f"{name}.json"
-            if p.is_file():
+            if os.path.lexists(p):  # whatever it is: the bounded reader refuses a FIFO or device in one line
                 return self._read(p, ro)
         return None
 
@@ -216,11 +216,19 @@ class Catalog:
                 return path
             if not force:
                 raise PoolError(f"{path}: pool '{pool.name}' already exists (use --force to replace it)")
+        created = [d for d in (path.parent, *path.parent.parents) if not os.path.lexists(d)]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PoolError(f"{path.parent}: cannot create catalog directory ({exc.strerror})") from None
-        atomic_write(path, text, force=True)  # an existing entry was checked above (--force or identical)
+            atomic_write(path, text, force=True)  # an existing entry was checked above (--force or identical)
+        except (OSError, EmoEdgeError) as exc:
+            for d in created:  # the directories this call made, deepest first: nothing is left behind
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            if isinstance(exc, OSError):
+                raise PoolError(f"{path.parent}: cannot create catalog directory ({exc.strerror})") from None
+            raise
         pool.origin = str(path)
         return path
 

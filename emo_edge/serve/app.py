@@ -24,8 +24,9 @@ from starlette.routing import Route
 from ..errors import EmoEdgeError
 from ..engine import Engine
 from .generation import Pending, make_job
+from .guard import BodyTooLarge, ClientGone, Guard, allowed_hosts
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .openai_schema import ApiError, ChatRequest, CompletionRequest, finish_reason, new_id, now, parse_body, usage
+from .openai_schema import MAX_BODY, ApiError, ChatRequest, CompletionRequest, finish_reason, new_id, now, parse_body, usage
 from .scheduler import QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ def endpoint(name: str, auth: bool = True):
                 resp = await fn(request, state)
             except ApiError as exc:
                 resp = _error(exc)
+            except BodyTooLarge:  # a chunked body passed the limit while it was read (guard.py)
+                resp = _error(ApiError(f"request body is over {MAX_BODY} bytes", status=413, code="body_too_large"))
+            except ClientGone:  # the client went away before its body was read: nothing to answer, no error
+                resp = Response(status_code=499)
             except EmoEdgeError as exc:
                 resp = _error(ApiError(str(exc)))
             except Exception as exc:  # noqa: BLE001 - a bug of ours: still the OpenAI shape, and keep serving
@@ -265,7 +270,15 @@ class _EventStream(StreamingResponse):
             self.on_close()
 
 
-def create_app(state: ServerState) -> Starlette:
+def create_app(state: ServerState, host: str = "127.0.0.1", allow_hosts=(), allow_origins=()) -> Guard:
+    """The server's ASGI app: the Starlette routes behind the request guard (guard.py)."""
+    app = _routes(state)
+    return Guard(app, allowed_hosts(host, allow_hosts), allow_origins,
+                 on_refused=lambda reason, status: state.metrics.requests.labels(f"refused:{reason}",
+                                                                                  str(status)).inc())
+
+
+def _routes(state: ServerState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.start_loading()

@@ -28,6 +28,8 @@ import numpy as np
 
 from ..data import HELDOUT_DOMAINS, heldout_texts
 from ..data.generators import DOMAINS, generate
+from ..data.tasks import TASK_DOMAIN, training_tasks
+from ..data import task_items
 
 EOS_ID, PAD_ID = 0, 1
 
@@ -38,12 +40,15 @@ class DataPlan:
     generated: dict  # domain -> number of generated train documents
     stdlib_files: int  # max stdlib .py files (code); 0 = none
     man_pages: int  # max man pages (prose); 0 = none
+    tasks: dict = None  # task family -> number of one-task documents (data/tasks.py), held-out prompts excluded
     max_chars: int = 12_000  # machine documents are cut into pieces of at most this many characters
 
 
 FULL_PLAN = DataPlan(generated={"math": 9000, "code": 1800, "prose": 5500, "chat": 15000, "records": 10000},
-                     stdlib_files=300, man_pages=400)
-QUICK_PLAN = DataPlan(generated={d: 30 for d in DOMAINS}, stdlib_files=0, man_pages=0)
+                     stdlib_files=300, man_pages=400,
+                     tasks={"equations": 50_000, "arithmetic": 80_000, "code": 70_000})
+QUICK_PLAN = DataPlan(generated={d: 30 for d in DOMAINS}, stdlib_files=0, man_pages=0,
+                      tasks={"equations": 20, "arithmetic": 20, "code": 20})
 
 
 def _is_heldout(key: str, frac: float = 0.05) -> bool:
@@ -139,6 +144,9 @@ def build_corpus(plan: DataPlan, work: Path) -> tuple[dict, dict, dict]:
         hs = set(held)
         train[d] = [t for t in generate(d, plan.generated[d], "train") if t not in hs]
         heldout[d] = held
+    for family, count in (plan.tasks or {}).items():
+        exclude = {t.prompt for t in task_items(family)}
+        train[TASK_DOMAIN[family]] += training_tasks(family, count, exclude, seed=1)
     extra = {}
     if plan.stdlib_files:
         extra["code-stdlib"] = ("code", stdlib_sources(plan.stdlib_files))

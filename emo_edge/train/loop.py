@@ -20,6 +20,7 @@ from ..tokenizer import tokenizer_files, train_bpe
 from ..writer import write_checkpoint
 from . import data as D
 from .model import ModelConfig, TinyEmo, hf_state, load_hf_state
+from .state import load_state, save_state, state_dir
 
 MODEL_NAMES = {"emo": "emo-tiny", "topk": "stdmoe-tiny"}
 
@@ -29,10 +30,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seq_len: int = 256
     batch: int = 12
-    steps: int = 1300
+    steps: int = 7000
     lr: float = 2e-3
-    min_lr_frac: float = 0.1
-    warmup: int = 100
+    min_lr_frac: float = 0.05
+    warmup: int = 200
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     aux_coef: float = 0.01
@@ -40,7 +41,7 @@ class TrainConfig:
     pool_max: int = 31
     seed: int = 1234
     log_every: int = 10
-    eval_every: int = 160
+    eval_every: int = 500
     eval_rows: int = 16  # rows per held-out set in periodic evals
     final_eval_rows: int = 96  # rows per held-out set in the final eval (~24k tokens each)
     ckpt_minutes: float = 10.0
@@ -69,7 +70,7 @@ def prepare_data(cfg: TrainConfig, work: Path, log=print) -> dict:
     train, heldout, stats = D.build_corpus(plan, work)
     log(f"corpus built in {time.time() - t0:.1f}s")
     tok_json = train_bpe(D.tokenizer_sample(train, 200_000 if cfg.quick else 1_500_000, cfg.seed),
-                         cfg.model.vocab_size)
+                         cfg.model.vocab_size, split_digits=True)
     (work / "tokenizer.json").write_text(tok_json, encoding="utf-8")
     tok = Tokenizer.from_str(tok_json)
     assert tok.token_to_id("<|endoftext|>") == D.EOS_ID and tok.token_to_id("<|pad|>") == D.PAD_ID
@@ -130,6 +131,27 @@ def evaluate(model: TinyEmo, held: dict, rows: int | None, batch: int = 16) -> d
             cnt += int((lab != -100).sum())
         out[name] = tot / max(cnt, 1)
     model.train()
+    return out
+
+
+def task_accuracy(path: Path, log=print) -> dict:
+    """Greedy accuracy of a written checkpoint (full model, fp32 reference) on the built-in held-out task sets."""
+    from ..data import task_items
+    from ..data.tasks import TASK_FAMILIES
+    from ..evaluate.report import score
+    from ..evaluate.scorers import ReferenceScorer
+    from ..evaluate.tasks import TaskSet
+
+    view = CheckpointView(path)
+    try:
+        scorer = ReferenceScorer(view)
+        out = {}
+        for family in TASK_FAMILIES:
+            s = score(scorer, TaskSet(family, tuple(task_items(family))), 160)
+            out[family] = {"n": s.n, "correct": s.correct, "accuracy": s.accuracy}
+            log(f"[{path.name}] held-out {family}: {s.correct}/{s.n} ({100 * s.accuracy:.1f}%)")
+    finally:
+        view.close()
     return out
 
 
@@ -217,13 +239,21 @@ def train_one(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[dict] = []
     evals: list[dict] = []
+    start_step, tokens, elapsed_before = 0, 0, 0.0
+    config_key = json.loads(json.dumps(cfg.to_dict()))
+    resumed = load_state(work, name, config_key, model, opt, gen)
+    if resumed is not None:
+        meta, order = resumed
+        start_step, cursor, tokens = meta["step"], meta["cursor"], meta["tokens"]
+        order_rng.bit_generator.state = meta["order_rng"]
+        history, evals, elapsed_before = meta["history"], meta["evals"], meta["elapsed_s"]
+        log(f"[{name}] resumed from {state_dir(work, name)} at step {start_step}/{cfg.steps}")
     metrics_path = work / f"{name}.metrics.jsonl"
-    metrics = open(metrics_path, "w")
-    t_start = time.time()
-    last_ckpt = t_start
-    tokens = 0
+    metrics = open(metrics_path, "a" if resumed is not None else "w")
+    t_start = time.time() - elapsed_before
+    last_ckpt = time.time()
     acc = {"ce": 0.0, "aux": 0.0, "n": 0}
-    for step in range(cfg.steps):
+    for step in range(start_step, cfg.steps):
         if cursor + cfg.batch > rows:
             order, cursor = order_rng.permutation(rows), 0
         idx = torch.from_numpy(order[cursor:cursor + cfg.batch])
@@ -260,10 +290,16 @@ def train_one(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: 
             metrics.flush()
             log(f"[{name}] eval step {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if time.time() - last_ckpt > cfg.ckpt_minutes * 60 and step + 1 < cfg.steps:
-            export(model, cfg, work / f"{name}-latest", tok_json)
-            (work / f"{name}-latest.step").write_text(str(step + 1))
-            last_ckpt = time.time()
-            log(f"[{name}] intermediate checkpoint at step {step + 1}: {work / f'{name}-latest'}")
+            # a whole step's state (acc is empty right after a log line: steps are saved on log boundaries)
+            if acc["n"] == 0:
+                save_state(work, name, model, opt, {
+                    "config": config_key, "step": step + 1, "cursor": cursor, "tokens": tokens,
+                    "order_rng": order_rng.bit_generator.state, "history": history, "evals": evals,
+                    "elapsed_s": time.time() - t_start}, order, gen)
+                export(model, cfg, work / f"{name}-latest", tok_json)
+                (work / f"{name}-latest.step").write_text(str(step + 1))
+                last_ckpt = time.time()
+                log(f"[{name}] state saved at step {step + 1}: {state_dir(work, name)}")
     train_s = time.time() - t_start
     final = evaluate(model, held, cfg.eval_rows if cfg.quick else cfg.final_eval_rows)
     evals.append({"step": cfg.steps, **final})
@@ -280,6 +316,10 @@ def train_one(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: 
     if png:
         extra["loss_curve.png"] = png
     out = export(model, cfg, out_root / name, tok_json, extra)
+    if not cfg.quick:  # held-out accuracy of the written checkpoint, into the result and the model card
+        result["task_accuracy"] = task_accuracy(out, log=log)
+        extra["README.md"] = model_card(name, kind, cfg, info, result, command).encode()
+        out = export(model, cfg, out_root / name, tok_json, extra)
     (work / f"{name}.result.json").write_text(json.dumps(result, indent=2))
     log(f"[{name}] wrote {out}")
     return result

@@ -29,9 +29,9 @@ from ..reference import rms_norm, rotate_half  # the same numerics as the refere
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 3072
+    vocab_size: int = 2048
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 6
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 80

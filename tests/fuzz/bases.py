@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("fuzz")
-BASES = ("ck", "cks", "static", "swap", "home", "pool", "cat", "calib", "target", "tiny")
+BASES = ("ck", "cks", "static", "swap", "home", "pool", "cat", "calib", "target", "tiny", "tasks", "http")
 POOL_NAME = "fz"
 
 
@@ -115,8 +115,31 @@ def build(base: Path, rebuild: bool = False) -> Path:
     shutil.copy(ROOT / "targets" / "cpu.json", base / "target" / "cpu.json")
     shutil.copytree(ROOT / "emo_edge" / "models" / "emo-tiny", base / "tiny",
                     ignore=shutil.ignore_patterns("*.png", "README.md"))
+    _tasks(base / "tasks")
+    _http(base / "http")
     (base / "STAMP").write_text(stamp)
     return base
+
+
+def _tasks(dest: Path) -> None:
+    """A task file of each kind (emo-edge eval --tasks)."""
+    dest.mkdir()
+    exact = (ROOT / "emo_edge/data/tasks/arithmetic.jsonl").read_text().splitlines()[:3]
+    (dest / "exact.jsonl").write_text("\n".join(exact) + "\n")
+    choice = [{"prompt": "What is 2 + 2?", "choices": [" 3", " 4", " 5"], "label": 1},
+              {"prompt": "Solve for x: 2x + 1 = 7.", "choices": [" x = 3", " x = 4"], "label": 0}]
+    (dest / "choice.jsonl").write_text("".join(json.dumps(c) + "\n" for c in choice))
+
+
+def _http(dest: Path) -> None:
+    """One HTTP request to `emo-edge serve`: its headers (JSON pairs) and its body."""
+    dest.mkdir()
+    headers = [["host", "127.0.0.1:8080"], ["content-type", "application/json"], ["content-length", "120"],
+               ["authorization", "Bearer k3y"], ["origin", "http://127.0.0.1:8080"]]
+    (dest / "headers.json").write_text(json.dumps(headers))
+    body = {"model": "b:math", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4,
+            "temperature": 0.5, "stream": False, "pool": "math"}
+    (dest / "body.json").write_text(json.dumps(body))
 
 
 def read_files(d: Path) -> dict[str, bytes]:

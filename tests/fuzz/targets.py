@@ -181,6 +181,84 @@ def load_embedded(inp: Path, env) -> None:
         view.close()
 
 
+def load_tokenizer_file(inp: Path, env) -> None:
+    from emo_edge.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(inp / "tokenizer.json")
+    for text in ("Solve for x: 3x + 5 = 20.", ">>> def f(n):\n...     return n * n\n", "a" * 2000, "\u00e9\U0001f600 12"):
+        tok.decode(tok.encode(text))
+    tok.decode([0, 1, 2, tok.vocab_size - 1])
+
+
+def load_task_files(inp: Path, env) -> None:
+    from emo_edge.evaluate.tasks import extract_answer, read_tasks
+
+    for name in ("exact.jsonl", "choice.jsonl"):
+        if (inp / name).exists() or (inp / name).is_symlink():
+            ts = read_tasks(inp / name, extract="last_int")
+            for item in ts.items:
+                if item.extract:
+                    extract_answer(item.extract, item.prompt)
+
+
+def _http_app():
+    from emo_edge.serve.app import ServerState, create_app
+
+    state = ServerState(lambda: None, api_key="k3y", k=4, grouping=True, budget=None)  # never loaded: 503
+    return create_app(state, "127.0.0.1")
+
+
+async def _http_call(app, method: str, path: str, headers: list, body: bytes) -> list[int]:
+    statuses: list[int] = []
+    it = iter([body[i:i + 65536] for i in range(0, len(body), 65536)] or [b""])
+
+    async def receive():
+        c = next(it, None)
+        return {"type": "http.disconnect"} if c is None else {"type": "http.request", "body": c, "more_body": True}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            statuses.append(msg["status"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 8080), "app": app}
+    await app(scope, receive, send)
+    return statuses
+
+
+ROUTES = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/health"), ("GET", "/v1/models"))
+
+
+def send_http_request(inp: Path, env) -> None:
+    """One crafted request (headers and body as files) through the server's ASGI app (guard + routes) in-process,
+    on a server whose model never loads: every answer must be a 4xx or 503, never a 500 or an exception."""
+    import asyncio
+
+    def warm():  # imports and first-request set-up happen here, not in the audited case
+        app = _http_app()
+        ok = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"authorization", b"Bearer k3y")]
+        for method, path in ROUTES:
+            asyncio.run(_http_call(app, method, path, ok, b'{"model": "x", "prompt": "hi"}'))
+        return app
+
+    app = env.untracked("http_app", warm)
+    raw = (inp / "headers.json").read_bytes() if (inp / "headers.json").is_file() else b"[]"
+    try:
+        pairs = json.loads(raw)
+        headers = [(str(k).encode("latin-1", "replace"), str(v).encode("latin-1", "replace"))
+                   for k, v in pairs] if isinstance(pairs, list) else []
+    except (ValueError, TypeError):
+        headers = [(b"x-raw", raw[:4096])]
+    body = (inp / "body.json").read_bytes() if (inp / "body.json").is_file() else b""
+    statuses = []
+    for method, path in ROUTES:
+        statuses += asyncio.run(_http_call(app, method, path, headers, body))
+    bad = [s for s in statuses if s >= 500 and s != 503]
+    if bad:
+        raise AssertionError(f"the server answered {bad} to a crafted request")
+
+
 def load_bundle(inp: Path, env) -> None:
     from emo_edge.engine import StaticEngine
 
@@ -221,6 +299,12 @@ TARGET_LIST = [
     Target("embedded", "tiny", "the embedded emo-tiny: config, tokenizer, shipped pools (CheckpointView, Catalog)",
            lambda ctx, files, home: lambda r: mutate.dir_mutant(r, files, ctx, False, only=EMBEDDED_FILES),
            load_embedded, weight=3, probes=True),
+    Target("tokenizer", "tiny", "tokenizer.json (TextTokenizer: structure checks, load, encode, decode)",
+           only("tokenizer.json", escape=False), load_tokenizer_file, weight=4),
+    Target("task_file", "tasks", "eval task files, exact answer and multiple choice (read_tasks)",
+           whole(escape=False), load_task_files, weight=4),
+    Target("http_request", "http", "one HTTP request's headers and body through the server (guard + routes)",
+           whole(escape=False), send_http_request, weight=4),
     Target("checkpoint", "ck", "CheckpointView + every tensor read, any file mutated", whole(), load_checkpoint,
            weight=8, probes=True),
     Target("checkpoint_sharded", "cks", "sharded CheckpointView + every tensor read, any file mutated", whole(),

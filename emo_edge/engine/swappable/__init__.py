@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 
 from ...errors import BudgetError, BundleError, PoolError
+from ...schema import open_regular
 from . import mapped
 from .budget import Budget
 from .chooser import Chooser
@@ -187,10 +188,8 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
             tmpl = onnx.load(str(self.root / m["template"]), load_external_data=False)
             check_template(f"{where}.moe[{m['index']}]", m, tmpl)
             ids = [e["source_id"] for e in m["experts"]]
-            try:
-                fd = os.open(self.root / m["shard"], os.O_RDONLY)
-            except OSError as exc:
-                raise BundleError(f"{self.root / m['shard']}: cannot open the expert shard ({exc.strerror})") from None
+            with open_regular(self.root / m["shard"], BundleError, "missing expert shard") as f:
+                fd = os.dup(f.fileno())
             layers.append(MoELayer(m["index"], m["layer"], m, router, ids, {s: i for i, s in enumerate(ids)},
                                    tmpl, fd))
         del routers
@@ -251,6 +250,8 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
     def use(self, pool) -> SwapStats:
         """Make `pool` the active pool. Blocks until requests in flight finish; requests arriving meanwhile wait."""
         name, target = self.resolve(pool)
+        if self.mechanism == "mapped":
+            self.check_store()  # resident experts changed on disk are evicted first, so the swap reloads them
         with self._swap_mutex:
             self._lock.acquire_write()
             try:

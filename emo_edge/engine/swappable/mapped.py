@@ -112,7 +112,11 @@ def store_dir(bundle_root: Path) -> Path:
     """$EMO_EDGE_HOME/prepared/<manifest sha256[:16]>/<cpu signature>: keyed by content (the manifest holds every
     expert's sha256), so copies of a bundle share one store and a changed bundle never reuses a stale one."""
     home = os.environ.get("EMO_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "emo-edge")
-    key = hashlib.sha256((Path(bundle_root) / "manifest.json").read_bytes()).hexdigest()[:16]
+    from ...errors import BundleError
+    from ...schema import read_bounded
+
+    raw = read_bounded(Path(bundle_root) / "manifest.json", BundleError, "missing")
+    key = hashlib.sha256(raw).hexdigest()[:16]
     return Path(home) / "prepared" / key / cpu_signature()
 
 
@@ -218,6 +222,24 @@ class MappedLayer:
     sha: list
     maps: list = field(default_factory=list)
     resident: set = field(default_factory=set)  # union positions whose pages are loaded and verified
+    stamp: tuple | None = None  # the data file's (inode, size, mtime, ctime) when `resident` was last verified
+
+    def __post_init__(self) -> None:
+        self.stamp = self._file_stamp()  # as opened: everything loaded later is verified against its sha256
+
+    def _file_stamp(self) -> tuple:
+        st = os.fstat(self.fd)
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def changed(self) -> bool:
+        """Whether the data file was written since its resident experts were verified (any write moves ctime)."""
+        return self._file_stamp() != self.stamp
+
+    def reverify(self) -> list[int]:
+        """The resident experts whose mapped bytes no longer hash to their sha256 (read from the pages the
+        computation uses); the file's state is recorded as verified."""
+        self.stamp = self._file_stamp()
+        return [e for e in sorted(self.resident) if self.load(e) != self.sha[e]]
 
     def ranges(self, e: int) -> list[tuple[int, int]]:
         """File byte ranges [a, b) of expert e."""

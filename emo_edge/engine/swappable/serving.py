@@ -52,6 +52,9 @@ class Serving:
     def serving(self, pool=None) -> Iterator[tuple[str, dict | None]]:
         """Hold the shared lock with `pool` resident (None: whatever is), swapping to it first if needed; yields
         (the resident pool's name, the swap's stats or None)."""
+        if self.mechanism == "mapped":
+            was = self.check_store()
+            pool = was if pool is None and was is not None else pool
         target = None if pool is None else self.resolve(pool)[1]
         swap = None
         while True:
@@ -68,6 +71,41 @@ class Serving:
             yield self.active_name, swap
         finally:
             self._lock.release_read()
+
+    def check_store(self) -> str | None:
+        """The prepared store is a file on disk that onnxruntime computes from: if any layer's file was written
+        since its resident experts were verified, hash them again from the mapped pages; experts that fail are
+        evicted (so the next use loads and verifies them from disk, which prepares the store again once, or
+        refuses) and, if the active pool held one, no pool stays active. Returns that pool's name then, else
+        None. Costs one fstat per layer when nothing changed."""
+        if not any(L.mapped is not None and L.mapped.changed() for L in self.layers):
+            return None
+        with self._swap_mutex:
+            self._lock.acquire_write()
+            try:
+                bad = []
+                for m, L in enumerate(self.layers):
+                    for e in L.mapped.reverify():
+                        L.mapped.evict(e)
+                        self.lru.pop((m, e), None)
+                        bad.append((m, e))
+                if not bad:
+                    return None
+                hit = any(self.layers[m].ids[e] in self.layers[m].active for m, e in bad)
+                if self.progress:
+                    m, e = bad[0]
+                    self.progress(f"notice: the prepared store changed on disk while serving: {len(bad)} resident "
+                                  f"expert(s) failed their sha256 check (first: expert {self.layers[m].ids[e]} of "
+                                  f"layer {self.layers[m].layer}); they are loaded and verified again")
+                if not hit:
+                    return None
+                was, self.active_name = self.active_name, None
+                for X in self.layers:
+                    X.pool_idx = X.mask = None
+                    X.active = ()
+                return was
+            finally:
+                self._lock.release_write()
 
     def resident_pool(self) -> str | None:
         return self.active_name
