@@ -7,7 +7,12 @@ each request naming its pool, for a fixed time; the same mix with the scheduler'
 Without --budget, a probe server measures what one pool and all pools need and the budget is set just over one
 pool (1 MiB, or half the difference if smaller), so swaps must evict. Every response's `emo_edge.pool` is checked
 against the pool it asked for; the server's RSS is sampled every 0.1 s from /proc and its VmHWM read at the end.
-Requests generate exactly --max-tokens tokens (`ignore_eos`), so both runs do the same work per request."""
+Requests generate exactly --max-tokens tokens (`ignore_eos`), so both runs do the same work per request.
+
+`--attack N`: N more threads send what the request guard must refuse while the clients run (declared 200 MB
+bodies, chunked bodies past the limit, cross-site text/plain POSTs, foreign Host and Origin headers, clients that
+leave before their body); each answer is counted by status, and any that is not a refusal (or a 200 to a hostile
+request) is an attack that got through."""
 
 from __future__ import annotations
 
@@ -119,6 +124,62 @@ def client_loop(url: str, model: str, pools: list[str], seed: int, until: float,
         out.append(rec)
 
 
+ATTACKS = ("huge_length", "chunked_flood", "text_plain", "foreign_host", "foreign_origin", "leave_early")
+
+
+def got_through(status) -> bool:
+    """An attack got through when it was served (2xx) or broke something (5xx other than a 503 'busy')."""
+    return isinstance(status, int) and (200 <= status < 300 or (status >= 500 and status != 503))
+
+
+def _attack_once(port: int, kind: str) -> int | None:
+    """One hostile request over a raw socket; the status the server answered (None: none expected/read)."""
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    if kind == "huge_length":
+        req = (head + "Content-Type: application/json\r\nContent-Length: 200000000\r\n\r\n").encode()
+    elif kind == "chunked_flood":
+        chunk = b"a" * 65536
+        req = (head + "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + \
+            b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(48)) + b"0\r\n\r\n"
+    elif kind == "text_plain":
+        req = (head + f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    elif kind == "foreign_host":
+        req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: attacker.example\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    elif kind == "foreign_origin":
+        req = (head + f"Origin: http://attacker.example\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    else:  # leave_early
+        req = (head + "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"mo").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(req)
+        except OSError:  # the server may answer and close before a flood is sent: that is a refusal
+            pass
+        if kind == "leave_early":
+            return None
+        try:
+            data = s.recv(4096)
+        except OSError:
+            return None
+    try:
+        return int(data.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def attack_loop(port: int, seed: int, until: float, out: list) -> None:
+    rng = random.Random(seed)
+    while time.monotonic() < until:
+        kind = rng.choice(ATTACKS)
+        try:
+            out.append((kind, _attack_once(port, kind)))
+        except OSError as exc:
+            out.append((kind, f"{type(exc).__name__}"))
+        time.sleep(0.05)
+
+
 def sample_rss(pid: int, stop_at: threading.Event, peak: list) -> None:
     while not stop_at.is_set():
         try:
@@ -130,7 +191,8 @@ def sample_rss(pid: int, stop_at: threading.Event, peak: list) -> None:
         stop_at.wait(0.1)
 
 
-def run(bundle: str, budget: int, grouping: bool, clients: int, seconds: float, max_tokens: int) -> dict:
+def run(bundle: str, budget: int, grouping: bool, clients: int, seconds: float, max_tokens: int,
+        attackers: int = 0) -> dict:
     proc, url = start(bundle, "--budget", str(budget), *([] if grouping else ["--no-pool-grouping"]))
     try:
         health = json.loads(get(url + "/health")[1])
@@ -141,6 +203,10 @@ def run(bundle: str, budget: int, grouping: bool, clients: int, seconds: float, 
         t0 = time.monotonic()
         threads = [threading.Thread(target=client_loop, args=(url, model, pools, i, t0 + seconds, max_tokens, recs))
                    for i in range(clients)]
+        attacks: list = []
+        port = int(url.rsplit(":", 1)[1])
+        threads += [threading.Thread(target=attack_loop, args=(port, 1000 + i, t0 + seconds, attacks))
+                    for i in range(attackers)]
         for t in threads:
             t.start()
         for t in threads:
@@ -160,7 +226,10 @@ def run(bundle: str, budget: int, grouping: bool, clients: int, seconds: float, 
             "swaps/min": (after["emo_edge_swaps_total"] - before["emo_edge_swaps_total"]) / wall * 60,
             "errors": len(recs) - len(ok), "wrong pool": sum(1 for r in ok if r["got"] != r["pool"]),
             "peak RSS sampled (MiB)": peak[0] / 2**20, "peak RSS VmHWM (MiB)": after["emo_edge_peak_rss_bytes"] / 2**20,
-            "budget (MiB)": budget / 2**20, "_errors": [r["error"] for r in recs if r["error"]][:3]}
+            "budget (MiB)": budget / 2**20, "attacks sent": len(attacks),
+            "attacks through": sum(1 for _, st in attacks if got_through(st)),
+            "_errors": [r["error"] for r in recs if r["error"]][:3],
+            "_through": [(k, st) for k, st in attacks if got_through(st)][:5]}
 
 
 def main() -> None:
@@ -170,12 +239,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--budget", default=None, help="e.g. 2GB; default: just over one pool (probed)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--attack", type=int, default=0, help="threads sending hostile requests meanwhile")
     a = ap.parse_args()
     from emo_edge.units import parse_size
 
     budget = parse_size(a.budget, "--budget") if a.budget else probe_budget(a.bundle)
-    on = run(a.bundle, budget, True, a.clients, a.seconds, a.max_tokens)
-    off = run(a.bundle, budget, False, a.clients, a.seconds, a.max_tokens)
+    on = run(a.bundle, budget, True, a.clients, a.seconds, a.max_tokens, a.attack)
+    off = run(a.bundle, budget, False, a.clients, a.seconds, a.max_tokens, a.attack)
     print(f"bench/serve.py: {a.bundle}, {a.clients} clients x {a.seconds:.0f} s, {a.max_tokens} tokens/request, "
           f"budget {budget / 2**20:.1f} MiB")
     print(f"| {'':<24} | {'grouping on':>12} | {'grouping off':>12} | {'on/off':>7} |")
@@ -188,7 +258,10 @@ def main() -> None:
     for name, res in (("on", on), ("off", off)):
         for e in res["_errors"]:
             print(f"error (grouping {name}): {e}")
-    if on["errors"] or off["errors"] or on["wrong pool"] or off["wrong pool"] or \
+        for k, st in res["_through"]:
+            print(f"attack through (grouping {name}): {k} answered {st}")
+    if on["errors"] or off["errors"] or on["wrong pool"] or off["wrong pool"] or on["attacks through"] or \
+            off["attacks through"] or \
             max(on["peak RSS VmHWM (MiB)"], off["peak RSS VmHWM (MiB)"]) > budget / 2**20:
         sys.exit(1)
 

@@ -55,7 +55,7 @@ def check_files(root: Path, manifest: dict, skip: set | frozenset = frozenset())
 
 def pool_matches(manifest: dict, pool_file: str | Path) -> None:
     """A --pool given with a bundle must name exactly the bundle's routed experts (the bundle cannot change them)."""
-    from .bundle_schema import PoolFile
+    from .poolfile import PoolFile  # the one pool-file schema (bounded)
     from .schema import load_json, validate
 
     data = load_json(pool_file, BundleError, "pool file not found")

@@ -150,10 +150,6 @@ class Manifest(Schema):
     swappable: Optional[Swappable] = None
 
 
-class PoolFile(Schema):
-    layers: list[Optional[list[Count]]]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # prepared.json of the per-machine store (runtime/mapped.py)
 # ---------------------------------------------------------------------------------------------------------

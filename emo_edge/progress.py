@@ -89,6 +89,14 @@ class _Lines(_Silent):
             self._print(f"{self.desc}: done ({_count(self.n)} {_plural(self.unit, self.n)} in "
                         f"{time.perf_counter() - self.t0:.1f} s)")
 
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and not self.closed:  # interrupted or failed: never "done"
+            self.closed = True
+            self._print(f"{self.desc}: stopped at {_count(self.n)}"
+                        + (f"/{_count(self.total)}" if self.total else "") + f" {_plural(self.unit, self.n)} "
+                        f"after {time.perf_counter() - self.t0:.1f} s")
+        self.close()
+
 
 def _count(n: float) -> str:
     return f"{int(n)}" if float(n).is_integer() else f"{n:.1f}"

@@ -46,3 +46,19 @@ def test_emo_pool_keeps_quality_standard_moe_does_not(domain):
     emo, std = _ratio_at_quarter("emo-tiny", domain), _ratio_at_quarter("stdmoe-tiny", domain)
     assert emo < 1.05, emo
     assert std > 1.15 and std > emo + 0.1, (emo, std)
+
+
+def test_committed_model_answers_held_out_tasks():
+    """The embedded EMO answers its domains' exact-answer templates: greedy, deterministic, the first 50 held-out
+    items of each family (never trained on: training drops every held-out prompt), full model, fp32 reference.
+    The whole sets (200 each) are scored by `emo-edge eval --tasks math,code`; the model card has those numbers."""
+    from emo_edge.data import task_items
+    from emo_edge.evaluate.report import score
+    from emo_edge.evaluate.scorers import ReferenceScorer
+    from emo_edge.evaluate.tasks import TaskSet
+
+    scorer = ReferenceScorer(CheckpointView(EMBEDDED))
+    got = {}
+    for family in ("equations", "arithmetic", "code"):
+        got[family] = score(scorer, TaskSet(family, tuple(task_items(family)[:50])), 160).accuracy
+    assert got["equations"] >= 0.95 and got["arithmetic"] >= 0.85 and got["code"] >= 0.85, got

@@ -180,3 +180,38 @@ def test_budget_sweep_on_the_embedded_model():
     assert [row["config"] for row in rows] == ["full (fp32 reference)", "budget 100MB (math)", "budget 1GB (math)"]
     assert rows[1]["scores"] == {} and "does not fit" in rows[1]["note"]
     assert rows[2]["scores"]["equations"]["n"] == 6 and "experts" in rows[2]["note"]
+
+
+def test_choice_scores_equal_an_independent_torch_computation():
+    """Multiple-choice log-likelihoods through ReferenceScorer equal torch's log_softmax over one forward of
+    prompt + choice (computed here without the scorer's helpers), on built-in chat items."""
+    import torch
+
+    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.evaluate.scorers import ReferenceScorer
+    from emo_edge.models import EMBEDDED
+    from emo_edge.reference import Reference
+    from emo_edge.tokenizer import load_tokenizer
+
+    items = task_items("chat")[:3]
+    view = CheckpointView(EMBEDDED)
+    pairs = [(i.prompt, c) for i in items for c in i.choices]
+    got = ReferenceScorer(view).loglik(pairs)
+    ref, tok = Reference(view), load_tokenizer(EMBEDDED)
+    for (ctx, cont), g in zip(pairs, got):
+        a, whole = tok.encode(ctx), tok.encode(ctx + cont)
+        assert whole[:len(a)] == a  # the chat prompts end at a token boundary
+        logp = torch.log_softmax(ref.forward(torch.tensor([whole]))[0].double(), dim=-1)
+        want = sum(float(logp[t - 1, whole[t]]) for t in range(len(a), len(whole)))
+        assert g == pytest.approx(want, abs=1e-3)
+
+
+def test_builtin_choice_sets_are_what_the_generators_write():
+    from emo_edge.data.choice import CHOICE_FAMILIES, heldout_choice
+
+    for family in CHOICE_FAMILIES:
+        items = task_items(family)
+        want = heldout_choice(family, len(items))
+        assert [(i.prompt, list(i.choices), i.label) for i in items] == \
+            [(d["prompt"], d["choices"], d["label"]) for d in want]
+        assert all(len(i.choices) == 4 and 0 <= i.label < 4 for i in items)

@@ -14,7 +14,7 @@ import threading
 import click
 
 from ..units import fmt_bytes
-from .options import NEW_TOKENS, POSITIVE, SEED, TEMPERATURE, TEXT, THREADS, TOP_P
+from .options import NEW_TOKENS, POSITIVE, SEED, TEMPERATURE, TEXT, THREADS, TOP_P, bundle_option
 
 COMMANDS = (
     ("/help", "list these commands"),
@@ -185,7 +185,7 @@ def _loop(rt, conv: Conversation, state: dict, opts: dict) -> None:
 def register(cli: click.Group) -> None:
     @cli.command("chat", help="Chat with a bundle; a swappable one swaps expert pools from disk within a memory "
                               "budget.\n\n\b\nCommands at the \"> \" prompt:\n" + help_text())
-    @click.argument("bundle")
+    @bundle_option
     @click.option("--budget", default=None, help="Process memory budget (RSS), e.g. 2GB.")
     @click.option("--pool", "pool", default="auto", show_default=True,
                   help="auto (best catalog pool for each message), doc (ad-hoc pool from each message), a catalog "

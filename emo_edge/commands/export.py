@@ -116,6 +116,18 @@ def fmt_peak(n: int | None) -> str:
     return "-" if n is None else fmt_bytes(n)
 
 
+def _decisive_text(v: dict) -> str:
+    """The top-1 check is made on decisive tokens only (the reference's top-1 leads its runner-up by a margin);
+    say so, and say when there were none (near-flat logits, as a random synthetic model has)."""
+    from ..export.verify import DECISIVE_MARGIN
+
+    if not v["decisive_tokens"]:
+        return (f"not checked: no decisive token, i.e. none where the reference's top-1 probability leads the "
+                f"runner-up by {DECISIVE_MARGIN:g}; KL and perplexity decide")
+    return (f"{v['top1_decisive']:.3f} on the {v['decisive_tokens']} decisive tokens, where the reference's top-1 "
+            f"leads by {DECISIVE_MARGIN:g}")
+
+
 def summary_lines(report: dict) -> list[str]:
     from ..units import fmt_bytes
 
@@ -125,9 +137,8 @@ def summary_lines(report: dict) -> list[str]:
     if v:
         extra = (f"max|diff| {v['max_abs_diff']:.2e} (tol {v['tolerance']:.2e}), greedy identical "
                  f"{v['greedy_identical']}" if v["mode"] == "fp32" else
-                 f"top-1 {v['top1_agreement']:.3f} (decisive tokens: "
-                 f"{'-' if v['top1_decisive'] is None else format(v['top1_decisive'], '.3f')} of "
-                 f"{v['decisive_tokens']}), KL {v['kl_mean']:.4f}, ppl ratio {v['ppl_ratio']:.3f}")
+                 f"top-1 {v['top1_agreement']:.3f} ({_decisive_text(v)}), KL {v['kl_mean']:.4f}, "
+                 f"ppl ratio {v['ppl_ratio']:.3f}")
         lines.append(f"verification: {'PASS' if v['passed'] else 'FAIL'}: {extra}")
         if v.get("sample"):
             lines.append(f"verification sample: {v['sample']['text']}")

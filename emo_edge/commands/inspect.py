@@ -48,10 +48,37 @@ def inspect_lines(view: CheckpointView) -> list[str]:
     return lines
 
 
+def bundle_lines(path) -> list[str]:
+    """What a bundle is, from its validated manifest: kind, source, pools, precision, context, bytes."""
+    from ..bundle_schema import read_manifest
+
+    m = read_manifest(path)
+    files = m.get("files", {})
+    total = sum(e.get("bytes", 0) for e in files.values() if isinstance(e, dict))
+    pools = [p.get("name") for p in m.get("pools", []) if isinstance(p, dict)]
+    if m.get("kind") == "swappable":
+        pools = sorted((m.get("swappable") or {}).get("pools", {}))
+    src = m.get("source") or {}
+    prec = m.get("precision")
+    return [f"bundle       {path} ({m.get('kind') or 'static'})",
+            f"source       {src.get('path', '-') if isinstance(src, dict) else '-'}",
+            f"pools        {', '.join(map(str, pools)) or '-'}",
+            f"precision    {', '.join(f'{k} {v}' for k, v in prec.items()) if isinstance(prec, dict) else '-'}",
+            f"context      {m.get('context_length') or '-'}",
+            f"files        {len(files)}, {fmt_bytes(total)}",
+            "(a bundle: `emo-edge run`/`chat`/`serve` run it; its report.json holds the plan and verification)"]
+
+
 def register(cli: click.Group) -> None:
     @cli.command("inspect")
     @model_option
     def inspect_cmd(model: str | None) -> None:
-        """Print a checkpoint's shape, routing variant, parameter counts and sizes."""
-        view = CheckpointView(resolve_model(model))
+        """Print a checkpoint's shape, routing variant, parameter counts and sizes (or what a bundle holds)."""
+        import os
+
+        path = resolve_model(model)
+        if os.path.lexists(path / "manifest.json"):
+            click.echo("\n".join(bundle_lines(path)))
+            return
+        view = CheckpointView(path)
         click.echo("\n".join(inspect_lines(view)))

@@ -94,6 +94,34 @@ def model_option(func):
     return wrapper
 
 
+def bundle_option(func):
+    """Adds `BUNDLE` (positional) and `--model BUNDLE` (the same, as every command that reads a model takes it);
+    passes `bundle`. A path that does not exist, or is not a directory, is one line saying so."""
+
+    @click.argument("bundle_arg", required=False, metavar="BUNDLE")
+    @click.option("--model", "model_opt", default=None, metavar="BUNDLE",
+                  help="The bundle directory (a positional BUNDLE is the same).")
+    @functools.wraps(func)
+    def wrapper(*args, bundle_arg=None, model_opt=None, **kwargs):
+        import os
+
+        from ..errors import BundleError
+
+        if bundle_arg is not None and model_opt is not None and bundle_arg != model_opt:
+            raise EmoEdgeError(f"the bundle is given twice: positional '{bundle_arg}' and --model '{model_opt}'; "
+                               f"give one")
+        bundle = model_opt if model_opt is not None else bundle_arg
+        if bundle is None:
+            raise EmoEdgeError("give a bundle directory (BUNDLE or --model BUNDLE; `emo-edge export` makes one)")
+        if not os.path.lexists(bundle):
+            raise BundleError(f"{bundle}: does not exist")
+        if not os.path.isdir(bundle):
+            raise BundleError(f"{bundle}: not a directory (a bundle is the directory `emo-edge export` writes)")
+        return func(*args, bundle=bundle, **kwargs)
+
+    return wrapper
+
+
 def check_pool_names(view, text: str, option: str, catalog=None, allow_all: bool = False) -> list[str]:
     """The names of a comma-separated pool list, each one known (a catalog entry, a built-in domain, or a pool
     file that fits the model) before anything is discovered; an unknown name lists the known ones."""

@@ -7,12 +7,12 @@ import click
 
 from ..errors import BundleError
 
-from .options import NEW_TOKENS, SEED, TEMPERATURE, TEXT, THREADS, TOP_P
+from .options import NEW_TOKENS, SEED, TEMPERATURE, TEXT, THREADS, TOP_P, bundle_option
 
 
 def register(cli: click.Group) -> None:
     @cli.command("run")
-    @click.argument("bundle")
+    @bundle_option
     @click.option("--prompt", required=True, type=TEXT, help="Prompt text.")
     @click.option("--max-new-tokens", default=64, show_default=True, type=NEW_TOKENS, help="At least 1.")
     @click.option("--temperature", default=0.0, show_default=True, type=TEMPERATURE, help="0 = greedy; >= 0.")

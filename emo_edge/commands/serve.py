@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from .options import BUDGET_HELP, POSITIVE, THREADS
+from .options import BUDGET_HELP, POSITIVE, THREADS, bundle_option
 
 
 def _bind(host: str, port: int):
@@ -102,7 +102,7 @@ def register(cli: click.Group) -> None:
     @cli.command("serve", help="Serve a bundle over an OpenAI-compatible HTTP API (chat page at /). A swappable "
                                "bundle gets the expert pool chosen per request: body field \"pool\", model "
                                "\"BUNDLE:POOL\", or auto from the prompt; a static one serves its one pool.")
-    @click.argument("bundle")
+    @bundle_option
     @click.option("--budget", default=None, help=BUDGET_HELP)
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
     @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")

@@ -6,11 +6,13 @@ import json
 
 from . import CALIB_DOMAINS, DATA_DIR, HELDOUT_DOMAINS
 from .generators import generate
+from .choice import CHOICE_FAMILIES, heldout_choice
 from .tasks import TASK_FAMILIES, heldout_tasks
 
 N_CALIB = 32
 HELDOUT_BYTES = 150_000  # per domain, well under the 300 KB limit
 N_TASKS = 200  # held-out items per task family
+N_CHOICE = 150  # held-out multiple-choice items per free-text domain
 
 
 def _write(path, texts):
@@ -18,6 +20,12 @@ def _write(path, texts):
     with open(path, "w", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+
+
+def _write_items(path, items):
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
@@ -35,10 +43,11 @@ def main() -> None:
     for family in TASK_FAMILIES:
         path = DATA_DIR / "tasks" / f"{family}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for item in heldout_tasks(family, N_TASKS):
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        _write_items(path, heldout_tasks(family, N_TASKS))
         print(f"tasks/{family}.jsonl: {N_TASKS} items")
+    for family in CHOICE_FAMILIES:
+        _write_items(DATA_DIR / "tasks" / f"{family}.jsonl", heldout_choice(family, N_CHOICE))
+        print(f"tasks/{family}.jsonl: {N_CHOICE} multiple-choice items")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 Builds the corpus and tokenizer once (work directory, default runs/train), then trains the EMO model and its
 standard-MoE twin in two parallel processes (one thread each) and writes both into --out (default
 emo_edge/models). `--quick` runs a tiny smoke configuration (seconds) sequentially.
+
+A run stopped at any point (a killed process, a closed session) continues from its last saved state when started
+again with the same --work: `python -m emo_edge.train --skip-data --work DIR` (states are saved every 10 minutes).
+`--finalize` measures the written models' held-out task accuracy and rewrites their model cards (what a run does
+at its end; for models written by a run that predates it).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["emo", "topk"], help="train only one of the two models")
     ap.add_argument("--jobs", type=int, default=None, help="parallel training processes (default 2; 1 with --quick)")
     ap.add_argument("--skip-data", action="store_true", help="reuse the prepared data in --work")
+    ap.add_argument("--finalize", action="store_true", help="re-measure held-out task accuracy of the models in "
+                    "--out and rewrite their model cards from the results in --work")
     ap.add_argument("--worker", choices=["emo", "topk"], help=argparse.SUPPRESS)
     ap.add_argument("--command", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -49,6 +56,12 @@ def main(argv=None) -> int:
     command = args.command or "python -m emo_edge.train" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     if args.worker:
         train_one(args.worker, cfg, args.work, args.out, command, log=_log)
+        return 0
+    if args.finalize:
+        from .loop import finalize
+
+        for k in [args.only] if args.only else ["emo", "topk"]:
+            finalize(k, cfg, args.work, args.out, command, log=_log)
         return 0
     if not args.skip_data:
         prepare_data(cfg, args.work, log=_log)

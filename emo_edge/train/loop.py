@@ -155,6 +155,21 @@ def task_accuracy(path: Path, log=print) -> dict:
     return out
 
 
+def finalize(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: str, log=print) -> dict:
+    """Measure a written model's held-out task accuracy and rewrite its model card (README.md) from the run's
+    result file; the weights are not touched."""
+    from .card import model_card
+
+    name = MODEL_NAMES[kind]
+    result = json.loads((work / f"{name}.result.json").read_text())
+    info = json.loads((work / "data.json").read_text())
+    result["task_accuracy"] = task_accuracy(out_root / name, log=log)
+    (out_root / name / "README.md").write_text(model_card(name, kind, cfg, info, result, command), encoding="utf-8")
+    (work / f"{name}.result.json").write_text(json.dumps(result, indent=2))
+    log(f"[{name}] model card rewritten with held-out accuracy")
+    return result
+
+
 # ---- export --------------------------------------------------------------------------------------------------
 def hf_config(cfg: TrainConfig) -> dict:
     m = cfg.model

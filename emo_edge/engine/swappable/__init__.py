@@ -216,7 +216,7 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
             if pool in self.pools:
                 layers, name = self.pools[pool], pool
             elif Path(pool).is_file():
-                from ...bundle_schema import PoolFile
+                from ...poolfile import PoolFile  # the one pool-file schema (bounded)
                 from ...schema import load_json, validate
 
                 layers = validate(load_json(pool, PoolError), PoolFile, pool, PoolError).layers
