@@ -136,6 +136,11 @@ def register(cli: click.Group) -> None:
         if tasks:
             from .eval_tasks import run_tasks
 
+            for flag, value in (("--text", text_files), ("--calib", calib)):
+                if value:
+                    raise PoolError(f"{flag} belongs to perplexity mode; with --tasks the task files are the text "
+                                    f"(and --sweep discovers pools from the built-in calibration)")
+
             return run_tasks(model, tasks, extract, budgets, precision, twin, limit, max_new_tokens, as_json,
                              pool_names, sweep, method, plot, force, catalog)
         for flag, value in (("--extract", extract), ("--budget", budgets), ("--precision", precision),

@@ -116,7 +116,7 @@ def format_table(rows: list[Row]) -> list[str]:
 
 
 def plot_accuracy(path: str, rows: list[Row], force: bool = False) -> None:
-    """Accuracy vs fraction of routed experts kept, one line per (model, task, kind of row)."""
+    """Accuracy vs fraction of routed experts kept: a panel per task set, a line per model and precision."""
     import io
 
     import matplotlib
@@ -132,21 +132,27 @@ def plot_accuracy(path: str, rows: list[Row], force: bool = False) -> None:
             continue
         kind = "int4" if r.config.startswith("int4") else "fp32"
         for t, s in r.scores.items():
-            series.setdefault((r.model, t, kind), []).append((r.fraction, 100 * s.accuracy))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = ["-", "--", ":", "-."]
-    models = sorted({k[0] for k in series})
-    for (model, task, kind), pts in sorted(series.items()):
-        xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, marker="o" if kind == "fp32" else "x", ls=styles[models.index(model) % len(styles)],
-                label=f"{model} {task}" + (" (int4)" if kind == "int4" else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("fraction of routed experts kept (domain pool)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("accuracy vs experts kept")
+            series.setdefault((t, r.model, kind), []).append((r.fraction, 100 * s.accuracy))
+    tasks = list(dict.fromkeys(k[0] for k in series))
+    models = list(dict.fromkeys(k[1] for k in series))
+    colors = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(3.6 * max(1, len(tasks)), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, model, kind), pts in series.items():
+            if t != task:
+                continue
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o" if kind == "fp32" else "x", ls="-" if kind == "fp32" else "--",
+                    color=colors[models.index(model) % len(colors)], label=f"{model} ({kind})")
+        ax.set_xscale("log", base=2)
+        xs = sorted({x for (t, _, _), pts in series.items() if t == task for x, _ in pts})
+        ax.set_xticks(xs, [f"{100 * x:g}%" for x in xs])
+        ax.set_ylim(0, 100)
+        ax.set_title(task)
+        ax.set_xlabel("routed experts kept (domain pool)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy (%)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
