@@ -40,7 +40,12 @@ class Suite:
     def bundle_row(self, path: Path, label: str, pool: str | None = None, budget: int | None = None) -> Row:
         from ..engine import open_engine
 
+        from ..errors import PoolError
+
         with open_engine(path, budget=budget) as eng:
+            if eng.kind == "swappable" and pool is None:
+                raise PoolError(f"{path}: a swappable bundle; name the pool to score with --pool (one of "
+                                f"{', '.join(eng.pools)})")
             scores = self._score_all(lambda d: EngineScorer(eng, pool))
             kind = eng.kind
         return Row(label, f"bundle ({kind})" + (f" pool {pool}" if pool else ""), None, "-", scores, baseline=True)

@@ -130,17 +130,18 @@ class Guard:
         counted = reserve if method in ("POST", "PUT", "PATCH") else 0
         self.inflight += counted
         received = 0
-        started = False
+        started = body_done = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, body_done
             msg = await receive()
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_body:
                     raise BodyTooLarge
-            elif msg["type"] == "http.disconnect" and not started:
-                raise ClientGone
+                body_done = body_done or not msg.get("more_body", False)
+            elif msg["type"] == "http.disconnect" and not started and not body_done:
+                raise ClientGone  # left before its body was read; later disconnects reach the app (it cancels)
             return msg
 
         async def tracking_send(msg):
