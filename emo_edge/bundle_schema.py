@@ -136,7 +136,7 @@ class PoolRecord(Schema):
     """A pool a bundle was exported for (manifest 'pools'): its name and per-layer source expert ids."""
     name: Str
     method: Optional[Str] = None
-    layers: list[Optional[list[Count]]]
+    layers: Optional[list[Optional[list[Count]]]] = None  # absent for `--pools all`
 
 
 class Manifest(Schema):

@@ -20,7 +20,7 @@ import pytest
 
 from emo_edge.engine import Sampling, StaticEngine
 from emo_edge.engine.sampler import run_generation
-from emo_edge.data import heldout_texts
+from emo_edge.data import task_items, heldout_texts
 from emo_edge.errors import BundleError
 from emo_edge.engine.swappable import SwappableEngine
 from emo_edge.tokenizer import EOS, TextStream, TextTokenizer
@@ -96,8 +96,8 @@ def test_context_full_stops_with_notice(bundles):
 def test_eos_ends_generation_and_is_never_printed(bundles):
     b = StaticEngine(bundles["static"])
     found = None
-    for doc in sorted(heldout_texts("chat"), key=len)[:8]:  # a dialogue cut before its last line
-        ids = b.tokenizer.encode(doc[:doc.rindex("\n")])
+    for prompt in [i.prompt for i in task_items("equations")[:8]]:  # a worked solution ends its document
+        ids = b.tokenizer.encode(prompt)
         if b.generate(ids, max_tokens=CTX).stop == "eos":
             found = ids
             break

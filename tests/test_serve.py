@@ -426,7 +426,7 @@ def test_chat_streams_the_same_answer_with_usage_and_the_pool(served, client, re
     want_pool = reference.choose_pool(reference.tokenizer.encode(msg))[0]  # auto: chosen from the user's message
     text = reference.tokenizer.decode(greedy(reference, ids, want_pool, 16))
     cut = min([text.find(s) for s in CHAT.stop if s in text] or [len(text)])
-    want = text[:cut].strip()
+    want = text[:cut].lstrip()  # the format's space after "Assistant:" is not the answer's; the answer is as generated
     whole = client.chat.completions.create(model=name, messages=[{"role": "user", "content": msg}], max_tokens=16,
                                            temperature=0)
     assert whole.choices[0].message.content == want and whole.model_extra["emo_edge"]["pool"] == want_pool
@@ -508,7 +508,7 @@ def test_command_errors_are_one_line(tmp_path_factory):
         return subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", *args], capture_output=True, text=True,
                               cwd=str(ROOT), timeout=STARTUP_S)
 
-    for args, words in (((str(bundle.parent / "none"),), "no manifest.json"),
+    for args, words in (((str(bundle.parent / "none"),), "does not exist"),
                         ((str(bundle), "--budget", "50MB", "--port", "0"), "below the backbone"),
                         ((str(bundle), "--api-key", " "), "--api-key: empty")):
         r = serve(*args)

@@ -70,7 +70,7 @@ def resolve_api_key(option: str | None, path: str | None) -> str | None:
     if option is not None:
         option = option.strip()
         if not option:
-            raise EmoEdgeError(f"{given[0]}: the API key is empty")
+            raise EmoEdgeError(f"{given[0]}: empty; give a non-empty API key")
         if any(ord(c) < 33 or ord(c) > 126 for c in option):
             raise EmoEdgeError(f"{given[0]}: the API key must be printable ASCII without spaces")
     return option
