@@ -196,7 +196,7 @@ def run(bundle: str, budget: int, grouping: bool, clients: int, seconds: float, 
     proc, url = start(bundle, "--budget", str(budget), *([] if grouping else ["--no-pool-grouping"]))
     try:
         health = json.loads(get(url + "/health")[1])
-        model, pools = health["model"], health["pools"]
+        model, pools = health["model"], list(health["pools"])
         before, recs, peak, done = metrics(url), [], [0], threading.Event()
         sampler = threading.Thread(target=sample_rss, args=(proc.pid, done, peak), daemon=True)
         sampler.start()
