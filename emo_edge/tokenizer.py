@@ -7,6 +7,7 @@ Our tokenizers put the special tokens first: id 0 is `<|endoftext|>` (eos), id 1
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 from dataclasses import dataclass
@@ -70,19 +71,14 @@ def _first_line(exc: BaseException) -> str:
 # What a tokenizer.json may hold, beyond what the library parses: no padding or truncation (a fixed padding of
 # 10^9 tokens aborts the process on allocation; emo-edge pads nothing), and no regex whose shape backtracks
 # without bound (a quantified group that itself holds a quantifier: "(a+)+"), in pre-tokenizers and normalizers.
-_NESTED_QUANTIFIER = None
+_BACKREFERENCE = re.compile(r"\\[1-9]|\\k<")
 
 
 def _backtracks(pattern: str) -> bool:
     """True when `pattern` quantifies a group that contains a quantifier or an alternation (the catastrophic
     shapes: "(a+)+", "(a|aa)+"), or uses a backreference. A heuristic on the text, conservative: the
     pre-tokenizer regexes of GPT-2, cl100k/dolma2 and Llama 3 pass it."""
-    import re
-
-    global _NESTED_QUANTIFIER
-    if _NESTED_QUANTIFIER is None:
-        _NESTED_QUANTIFIER = re.compile(r"\\[1-9]|\\k<")
-    if _NESTED_QUANTIFIER.search(pattern):
+    if _BACKREFERENCE.search(pattern):
         return True
     stack: list[bool] = []  # per open group: does it hold a quantifier?
     i, n, in_class = 0, len(pattern), False

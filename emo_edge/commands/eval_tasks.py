@@ -16,18 +16,22 @@ from ..progress import note
 
 BUILTIN_SETS = {"math": ("equations", "arithmetic"), "code": ("code",), "equations": ("equations",),
                 "arithmetic": ("arithmetic",), "prose": ("prose",), "chat": ("chat",)}
-DOMAIN = {"equations": "math", "arithmetic": "math", "code": "code", "prose": "prose", "chat": "chat"}
+
 
 
 def load_task_sets(text: str, extract: str | None, limit: int | None) -> list[tuple]:
     """(TaskSet, domain) per named set or file; a file's domain is None (it is scored under --pool)."""
     from ..data import task_path
+    from ..data.choice import CHOICE_FAMILIES
+    from ..data.tasks import TASK_DOMAIN
     from ..evaluate.tasks import TaskSet, read_tasks
+
+    domain = {**TASK_DOMAIN, **{f: f for f in CHOICE_FAMILIES}}  # a multiple-choice set is its own domain
 
     out, seen = [], set()
     for item in [s.strip() for s in text.split(",") if s.strip()]:
         if item in BUILTIN_SETS:
-            sets = [(read_tasks(task_path(f), name=f), DOMAIN[f]) for f in BUILTIN_SETS[item]]
+            sets = [(read_tasks(task_path(f), name=f), domain[f]) for f in BUILTIN_SETS[item]]
         elif Path(item).suffix.lower() in (".jsonl", ".json", ".ndjson") or "/" in item or Path(item).exists():
             sets = [(read_tasks(item, extract), None)]
         else:
