@@ -36,7 +36,7 @@ def test_quick_run_writes_valid_checkpoints(quick_run):
         assert "python -m emo_edge.train --quick" in (d / "README.md").read_text()
         view.close()
     res = json.loads((quick_run / "work" / "emo-tiny.result.json").read_text())
-    assert res["steps"] == 4 and np.isfinite(res["final_train_ce"])
+    assert (res["pretrain_steps"], res["anneal_steps"], res["steps"]) == (4, 3, 7) and np.isfinite(res["final_train_ce"])
 
 
 # ---- independent reference: plain numpy, one token at a time ---------------------------------------------------
@@ -169,7 +169,9 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
     from safetensors.torch import load_file
 
-    from emo_edge.train.loop import prepare_data, quick_config, train_one
+    from emo_edge.train.config import quick_config
+    from emo_edge.train.loop import train_one
+    from emo_edge.train.prepare import prepare_data
 
     cfg = replace(quick_config(), ckpt_minutes=0.0)
     work = tmp_path / "work"
@@ -179,9 +181,12 @@ def test_training_resumes_to_the_same_weights(tmp_path):
         return load_file(str(out / "emo-tiny" / "model.safetensors"))
 
     train_one("emo", cfg, work, tmp_path / "a", "test", log=lambda m: None)
-    for f in work.glob("emo-tiny.state*"):
-        import shutil
-        shutil.rmtree(f)
+    import shutil
+    for f in work.glob("emo-tiny*"):  # states, the pretrained checkpoint and its record: a run from scratch
+        if f.name.endswith((".state", "-pretrained", "-latest")) or ".state." in f.name:
+            shutil.rmtree(f)
+        elif f.name.endswith("-pretrained.json"):
+            f.unlink()
 
     class Stop(Exception):
         pass
@@ -197,3 +202,44 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert any("resumed" in m and "step 2/4" in m for m in seen), seen
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_anneal_stage_resumes_and_reuses_the_pretrained_checkpoint(tmp_path):
+    """A run stopped inside the anneal stage continues there: pretraining is not repeated (its checkpoint, as
+    written, is reused), the anneal state comes back, and the weights equal an uninterrupted run's; an anneal run
+    starts from exactly the pretrained checkpoint as written (bf16)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from emo_edge.train.config import quick_config
+    from emo_edge.train.loop import train_one
+    from emo_edge.train.prepare import prepare_data
+
+    cfg = replace(quick_config(), ckpt_minutes=0.0)
+    work = tmp_path / "work"
+    prepare_data(cfg, work, log=lambda m: None)
+    train_one("emo", cfg, work, tmp_path / "a", "test", log=lambda m: None)
+    pre = load_file(str(work / "emo-tiny-pretrained" / "model.safetensors"))
+    import shutil
+    for f in work.glob("emo-tiny-anneal*"):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_anneal(msg):
+        if "step 6/7" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_one("emo", cfg, work, tmp_path / "b", "test", log=stop_in_anneal)
+    seen = []
+    train_one("emo", cfg, work, tmp_path / "b", "test", log=seen.append)
+    assert any("pretraining done" in m for m in seen), seen
+    assert any("resumed" in m and "step 5/7" in m for m in seen), seen
+    assert not any("[emo-tiny] step" in m for m in seen), "pretraining ran again"
+    a = load_file(str(tmp_path / "a" / "emo-tiny" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "emo-tiny" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], pre[k]) for k in a), "the anneal stage changed nothing"

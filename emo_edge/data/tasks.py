@@ -2,7 +2,8 @@
 
 Three families, each a (prompt, worked completion, answer) generator seeded by the caller:
 - equations: `Solve for x: {a}x + {b} = {c}.` / `Solve for x: {a}x - {b} = {c}.` (a in 2..9, x in 0..12,
-  b in 1..30); the completion's last statement is `x = {x}`.
+  b in 1..30); the completion's last statement is `x = {x}`. Two working styles: "short" (each step's result at
+  once: the pretraining stage) and "column" (the middle step digit by digit: the anneal stage, see train/data.py).
 - arithmetic: `What is {m} + {n}?`, `What is {m} - {n}?` (m, n <= 999, no negative result), `What is {m} * {n}?`
   (m <= 99, n <= 9); the completion works column by column and its last integer is the result.
 - code: a Python REPL transcript `>>> def NAME(ARG):` / `...     return EXPR` / `...` / `>>> NAME(VALUE)`; the next
@@ -87,16 +88,24 @@ def _digits_mul(m: int, n: int) -> str:
     return "\n".join(lines)
 
 
-def equation(rng: random.Random) -> tuple[str, str, str]:
+def equation(rng: random.Random, style: str = "short") -> tuple[str, str, str]:
+    """`style` "short" states each step's result at once (`6x = 80 - 8 = 72.`); "column" works the middle step
+    out digit by digit, in the arithmetic family's format, before dividing. Both draw the same numbers."""
     a, x, b = rng.randint(2, 9), rng.randint(0, 12), rng.randint(1, 30)
-    if rng.random() < 0.5:
-        c = a * x + b
-        prompt = f"Solve for x: {a}x + {b} = {c}."
-        step = f"Subtract {b} from both sides: {a}x = {c} - {b} = {a * x}."
+    plus = rng.random() < 0.5
+    c = a * x + b if plus else a * x - b
+    prompt = f"Solve for x: {a}x {'+' if plus else '-'} {b} = {c}."
+    if style == "short":
+        step = (f"Subtract {b} from both sides: {a}x = {c} - {b} = {a * x}." if plus else
+                f"Add {b} to both sides: {a}x = {c} + {b} = {a * x}.")
     else:
-        c = a * x - b
-        prompt = f"Solve for x: {a}x - {b} = {c}."
-        step = f"Add {b} to both sides: {a}x = {c} + {b} = {a * x}."
+        if plus:
+            step = f"Subtract {b} from both sides: {a}x = {c} - {b}.\n{_digits_sub(c, b)}"
+        elif c < 0:
+            step = f"Add {b} to both sides: {a}x = {c} + {b} = {b} - {-c}.\n{_digits_sub(b, -c)}"
+        else:
+            step = f"Add {b} to both sides: {a}x = {c} + {b}.\n{_digits_add(c, b)}"
+        step += f"\n{a}x = {a * x}."
     body = f"{step}\nDivide both sides by {a}: x = {a * x} / {a} = {x}.\nx = {x}"
     return prompt, body, str(x)
 
@@ -159,9 +168,10 @@ def code(rng: random.Random) -> tuple[str, str, str]:
 GENERATORS = {"equations": equation, "arithmetic": arithmetic, "code": code}
 
 
-def task_document(family: str, rng: random.Random) -> tuple[str, str]:
-    """(prompt, training document) for one task: the document is the prompt, its completion and nothing else."""
-    prompt, body, _ = GENERATORS[family](rng)
+def task_document(family: str, rng: random.Random, style: str = "short") -> tuple[str, str]:
+    """(prompt, training document) for one task: the document is the prompt, its completion and nothing else;
+    `style` is the equations' working (see `equation`)."""
+    prompt, body, _ = equation(rng, style) if family == "equations" else GENERATORS[family](rng)
     if family == "code":
         return prompt, prompt + body + "\n"
     return prompt, f"{prompt}\n{body}"
@@ -180,12 +190,12 @@ def heldout_tasks(family: str, n: int) -> list[dict]:
     return out
 
 
-def training_tasks(family: str, n: int, exclude: set[str], seed: int) -> list[str]:
+def training_tasks(family: str, n: int, exclude: set[str], seed: int, style: str = "short") -> list[str]:
     """`n` training documents of `family` whose prompts are not in `exclude` (the held-out prompts)."""
     rng = random.Random(seed * 7919 + TASK_FAMILIES.index(family))
     out = []
     while len(out) < n:
-        prompt, doc = task_document(family, rng)
+        prompt, doc = task_document(family, rng, style)
         if prompt not in exclude:
             out.append(doc)
     return out

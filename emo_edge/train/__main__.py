@@ -20,7 +20,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .loop import MODEL_NAMES, TrainConfig, prepare_data, quick_config, train_one
+from .config import MODEL_NAMES, TrainConfig, quick_config
+from .loop import train_one
+from .prepare import prepare_data
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models"
 

@@ -95,16 +95,17 @@ deterministic 5% split by file name (`code-stdlib`, `prose-man`; written to the 
 {chr(10).join(rows)}
 
 The `code` and `prose` training rows include the machine-source pieces (`code-stdlib`, `prose-man`), which is
-why those two sets show held-out documents only. Training rows: {info['train_rows']} x {cfg.seq_len} tokens
-({info['train_tokens']:,} real tokens, {info['pad_fraction']:.1%} padding); training draws rows in a seeded random
-order, so a run sees part of the corpus ({result['tokens_seen']:,} tokens).
+why those two sets show held-out documents only. Pretraining rows: {info['train_rows']} x {cfg.seq_len} tokens
+({info['train_tokens']:,} real tokens, {info['pad_fraction']:.1%} padding); each stage draws its rows in a seeded
+random order (the anneal stage's data is described under Training).
 
 ## Training
 
 - command: `{command}`
-- seed {cfg.seed}; {cfg.steps} steps of {cfg.batch} x {cfg.seq_len} tokens ({result['tokens_seen']:,} tokens seen)
+- pretraining: seed {cfg.seed}; {cfg.steps} steps of {cfg.batch} x {cfg.seq_len} tokens
 - AdamW (betas 0.9/0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr}, {cfg.warmup} warmup steps, cosine to {cfg.min_lr_frac:g}x, grad clip {cfg.grad_clip}
-- trained on this project's 2-core CPU machine (no GPU), float32, one thread per model (both models train in parallel processes); {result['train_seconds'] / 60:.1f} min, {result['tok_per_s']} tokens/s
+{_anneal_lines(cfg, info)}- {result['tokens_seen']:,} tokens seen in all
+- trained on this project's 2-core CPU machine (no GPU), float32, one thread per model (both models train in parallel processes); {result['train_seconds'] / 60:.1f} min ({result.get('pretrain_seconds', result['train_seconds']) / 60:.1f} pretraining), {result['tok_per_s']} tokens/s
 - logs and metrics: `<work>/{name}.log`, `<work>/{name}.metrics.jsonl` (work directory default `runs/train`)
 
 ## Final losses (nats per token)
@@ -127,6 +128,21 @@ def _task_counts(cfg) -> str:
 
     plan = QUICK_PLAN if cfg.quick else FULL_PLAN
     return ", ".join(f"{n:,} {f}" for f, n in (plan.tasks or {}).items())
+
+
+def _anneal_lines(cfg, info: dict) -> str:
+    a = cfg.anneal
+    if not a.steps:
+        return ""
+    from .data import ANNEAL_PLAN, QUICK_ANNEAL_PLAN
+
+    plan = QUICK_ANNEAL_PLAN if cfg.quick else ANNEAL_PLAN
+    tasks = ", ".join(f"{n:,} {f}" for f, n in (plan.tasks or {}).items())
+    rows = info.get("anneal", {}).get("train_rows", 0)
+    return (f"- anneal: from the pretrained checkpoint as written (bf16), a fresh AdamW, {a.steps} steps, peak lr "
+            f"{a.lr}, {a.warmup} warmup steps, cosine to {a.min_lr_frac:g}x, same routing; over {rows:,} rows of new "
+            f"task documents ({tasks}; the equations' middle step worked digit by digit) and a replay of every "
+            f"domain's generated text and machine sources\n")
 
 
 def _n_words() -> int:

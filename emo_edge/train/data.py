@@ -42,6 +42,8 @@ class DataPlan:
     man_pages: int  # max man pages (prose); 0 = none
     tasks: dict = None  # task family -> number of one-task documents (data/tasks.py), held-out prompts excluded
     max_chars: int = 12_000  # machine documents are cut into pieces of at most this many characters
+    equation_style: str = "short"  # the equations' working (data/tasks.py `equation`)
+    task_seed: int = 1  # seeds the task documents (a second stage draws new instances)
 
 
 FULL_PLAN = DataPlan(generated={"math": 9000, "code": 1800, "prose": 5500, "chat": 15000, "records": 10000},
@@ -49,6 +51,15 @@ FULL_PLAN = DataPlan(generated={"math": 9000, "code": 1800, "prose": 5500, "chat
                      tasks={"equations": 50_000, "arithmetic": 80_000, "code": 70_000})
 QUICK_PLAN = DataPlan(generated={d: 30 for d in DOMAINS}, stdlib_files=0, man_pages=0,
                       tasks={"equations": 20, "arithmetic": 20, "code": 20})
+# The anneal stage (after pretraining, at a lower learning rate): new task instances, the equations' middle step
+# worked digit by digit, more REPL transcripts, and a replay of every free-text domain so none is forgotten.
+ANNEAL_PLAN = DataPlan(generated={"math": 1500, "code": 600, "prose": 1200, "chat": 4000, "records": 2500},
+                       stdlib_files=60, man_pages=80,
+                       tasks={"equations": 40_000, "arithmetic": 50_000, "code": 90_000},
+                       equation_style="column", task_seed=2)
+QUICK_ANNEAL_PLAN = DataPlan(generated={d: 10 for d in DOMAINS}, stdlib_files=0, man_pages=0,
+                             tasks={"equations": 10, "arithmetic": 10, "code": 10}, equation_style="column",
+                             task_seed=2)
 
 
 def _is_heldout(key: str, frac: float = 0.05) -> bool:
@@ -146,7 +157,8 @@ def build_corpus(plan: DataPlan, work: Path) -> tuple[dict, dict, dict]:
         heldout[d] = held
     for family, count in (plan.tasks or {}).items():
         exclude = {t.prompt for t in task_items(family)}
-        train[TASK_DOMAIN[family]] += training_tasks(family, count, exclude, seed=1)
+        train[TASK_DOMAIN[family]] += training_tasks(family, count, exclude, seed=plan.task_seed,
+                                                     style=plan.equation_style)
     extra = {}
     if plan.stdlib_files:
         extra["code-stdlib"] = ("code", stdlib_sources(plan.stdlib_files))

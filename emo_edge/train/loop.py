@@ -1,12 +1,14 @@
-"""Data preparation, the training loop, evaluation and checkpoint export for the tiny EMO and its twin."""
+"""The training loop (pretraining, then the anneal stage), evaluation and checkpoint export for the tiny EMO and
+its twin."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,102 +18,13 @@ from ..checkpoint import CheckpointView
 from ..hfconfig import emo_config
 from ..names import expected_tensors
 from ..spec import spec_from_config
-from ..tokenizer import tokenizer_files, train_bpe
+from ..tokenizer import tokenizer_files
 from ..writer import write_checkpoint
 from . import data as D
+from .config import MODEL_NAMES, TrainConfig
 from .model import ModelConfig, TinyEmo, hf_state, load_hf_state
+from .prepare import load_data
 from .state import load_state, save_state, state_dir
-
-MODEL_NAMES = {"emo": "emo-tiny", "topk": "stdmoe-tiny"}
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    seq_len: int = 256
-    batch: int = 12
-    steps: int = 7000
-    lr: float = 2e-3
-    min_lr_frac: float = 0.05
-    warmup: int = 200
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    aux_coef: float = 0.01
-    pool_min: int = 4
-    pool_max: int = 31
-    seed: int = 1234
-    log_every: int = 10
-    eval_every: int = 500
-    eval_rows: int = 16  # rows per held-out set in periodic evals
-    final_eval_rows: int = 96  # rows per held-out set in the final eval (~24k tokens each)
-    ckpt_minutes: float = 10.0
-    max_positions: int = 1024  # written to config.json (trained on seq_len)
-    quick: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def quick_config() -> TrainConfig:
-    m = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                    intermediate_size=16, num_experts=8, top_k=3)
-    return TrainConfig(model=m, seq_len=64, batch=4, steps=4, warmup=2, pool_min=2, pool_max=7, log_every=1,
-                       eval_every=1000, eval_rows=4, quick=True)
-
-
-# ---- data preparation (once, shared by both runs) -----------------------------------------------------------
-def prepare_data(cfg: TrainConfig, work: Path, log=print) -> dict:
-    """Build the corpus, train the tokenizer, encode and pack; saves work/{tokenizer.json,data.npz,data.json}."""
-    from tokenizers import Tokenizer
-
-    t0 = time.time()
-    work.mkdir(parents=True, exist_ok=True)
-    plan = D.QUICK_PLAN if cfg.quick else D.FULL_PLAN
-    train, heldout, stats = D.build_corpus(plan, work)
-    log(f"corpus built in {time.time() - t0:.1f}s")
-    tok_json = train_bpe(D.tokenizer_sample(train, 200_000 if cfg.quick else 1_500_000, cfg.seed),
-                         cfg.model.vocab_size, split_digits=True)
-    (work / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    tok = Tokenizer.from_str(tok_json)
-    assert tok.token_to_id("<|endoftext|>") == D.EOS_ID and tok.token_to_id("<|pad|>") == D.PAD_ID
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    if vocab != cfg.model.vocab_size:
-        raise RuntimeError(f"tokenizer has {vocab} tokens, expected {cfg.model.vocab_size}")
-    log(f"tokenizer trained ({vocab} tokens) at {time.time() - t0:.1f}s")
-    arrays: dict[str, np.ndarray] = {}
-    all_train = []
-    for d in sorted(train):
-        enc = D.encode_all(tok, train[d])
-        stats[d]["train_tokens"] = D.count_tokens(enc)
-        all_train += enc
-    random_order = np.random.default_rng(cfg.seed).permutation(len(all_train))
-    packed = D.pack([all_train[i] for i in random_order], cfg.seq_len)
-    for k, v in packed.items():
-        arrays[f"train_{k}"] = v
-    for d in sorted(heldout):
-        enc = D.encode_all(tok, heldout[d])
-        stats[d]["heldout_tokens"] = D.count_tokens(enc)
-        for k, v in D.pack(enc, cfg.seq_len).items():
-            arrays[f"heldout:{d}_{k}"] = v
-    np.savez(work / "data.npz", **arrays)
-    real = int((packed["seg"] >= 0).sum())
-    info = {"stats": stats, "train_rows": int(packed["ids"].shape[0]), "train_tokens": real,
-            "pad_fraction": 1 - real / packed["ids"].size, "heldout_sets": sorted(heldout)}
-    (work / "data.json").write_text(json.dumps(info, indent=2))
-    log(f"data ready at {time.time() - t0:.1f}s: {info['train_rows']} rows, {real} train tokens")
-    return info
-
-
-def load_data(work: Path) -> tuple[dict, dict]:
-    z = np.load(work / "data.npz")
-    train = {k[len("train_"):]: torch.from_numpy(z[k].astype(np.int64)) for k in z.files if k.startswith("train_")}
-    held: dict[str, dict] = {}
-    for k in z.files:
-        if k.startswith("heldout:"):
-            name, part = k[len("heldout:"):].rsplit("_", 1)
-            held.setdefault(name, {})[part] = torch.from_numpy(z[k].astype(np.int64))
-    return train, held
-
 
 # ---- evaluation ----------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -224,58 +137,71 @@ def load_checkpoint_model(path: Path) -> TinyEmo:
 
 
 # ---- training ------------------------------------------------------------------------------------------------
+def cosine_lr(lr: float, warmup: int, steps: int, min_frac: float, step: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return cosine_lr(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_frac, step)
 
 
-def train_one(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: str, threads: int = 1,
-              log=print) -> dict:
-    """Train one model (`kind` "emo" or "topk") from scratch and write it to out_root/<name>."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    name = MODEL_NAMES[kind]
-    train, held = load_data(work)
-    info = json.loads((work / "data.json").read_text())
-    tok_json = (work / "tokenizer.json").read_text(encoding="utf-8")
-    model = TinyEmo(cfg.model)
-    model.init_weights(cfg.seed)
-    model.train()
+def _optimizer(model: TinyEmo, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    rows = train["ids"].shape[0]
-    order_rng = np.random.default_rng(cfg.seed)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@dataclass
+class Stage:
+    """One stage of a run: `steps` steps over `train` from the model as it is, saved under `state` every
+    cfg.ckpt_minutes (resumed when the state's `key` matches); steps are numbered from `first_step` in logs."""
+    label: str
+    state: str
+    key: dict
+    train: dict
+    steps: int
+    lr: Callable[[int], float]
+    seed: int
+    first_step: int = 0
+
+
+def run_stage(stage: Stage, kind: str, cfg: TrainConfig, model: TinyEmo, held: dict, work: Path, tok_json: str,
+              log=print) -> dict:
+    """Train `model` in place; returns {history, evals, tokens, seconds} of this stage."""
+    opt = _optimizer(model, cfg, stage.lr(0))
+    rows = stage.train["ids"].shape[0]
+    order_rng = np.random.default_rng(stage.seed)
     order = order_rng.permutation(rows)
     cursor = 0
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(stage.seed + 1)
     history: list[dict] = []
     evals: list[dict] = []
-    start_step, tokens, elapsed_before = 0, 0, 0.0
-    config_key = json.loads(json.dumps(cfg.to_dict()))
-    resumed = load_state(work, name, config_key, model, opt, gen)
+    start, tokens, elapsed_before = 0, 0, 0.0
+    name, last = stage.state, stage.first_step + stage.steps
+    resumed = load_state(work, name, stage.key, model, opt, gen)
     if resumed is not None:
         meta, order = resumed
-        start_step, cursor, tokens = meta["step"], meta["cursor"], meta["tokens"]
+        start, cursor, tokens = meta["step"], meta["cursor"], meta["tokens"]
         order_rng.bit_generator.state = meta["order_rng"]
         history, evals, elapsed_before = meta["history"], meta["evals"], meta["elapsed_s"]
-        log(f"[{name}] resumed from {state_dir(work, name)} at step {start_step}/{cfg.steps}")
-    metrics_path = work / f"{name}.metrics.jsonl"
-    metrics = open(metrics_path, "a" if resumed is not None else "w")
+        log(f"[{name}] resumed from {state_dir(work, name)} at step {stage.first_step + start}/{last}")
+    metrics = open(work / f"{name}.metrics.jsonl", "a" if resumed is not None else "w")
     t_start = time.time() - elapsed_before
     last_ckpt = time.time()
     acc = {"ce": 0.0, "aux": 0.0, "n": 0}
-    for step in range(start_step, cfg.steps):
+    for step in range(start, stage.steps):
+        gstep = stage.first_step + step + 1
         if cursor + cfg.batch > rows:
             order, cursor = order_rng.permutation(rows), 0
         idx = torch.from_numpy(order[cursor:cursor + cfg.batch])
         cursor += cfg.batch
-        ids, seg, pos, labels = (train[k][idx] for k in ("ids", "seg", "pos", "labels"))
+        ids, seg, pos, labels = (stage.train[k][idx] for k in ("ids", "seg", "pos", "labels"))
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = stage.lr(step)
         logits, aux = model(ids, pos=pos, seg=seg, mode=kind, pool_range=(cfg.pool_min, cfg.pool_max), gen=gen)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         loss = ce + cfg.aux_coef * aux
@@ -287,41 +213,88 @@ def train_one(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: 
         acc["ce"] += ce.item()
         acc["aux"] += aux.item()
         acc["n"] += 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == stage.steps:
             el = time.time() - t_start
-            rec = {"step": step + 1, "ce": acc["ce"] / acc["n"], "aux": acc["aux"] / acc["n"],
-                   "lr": lr_at(cfg, step), "tokens": tokens, "elapsed_s": round(el, 1),
-                   "tok_per_s": round(tokens / max(el, 1e-9))}
+            rec = {"step": gstep, "ce": acc["ce"] / acc["n"], "aux": acc["aux"] / acc["n"], "lr": stage.lr(step),
+                   "tokens": tokens, "elapsed_s": round(el, 1), "tok_per_s": round(tokens / max(el, 1e-9))}
             history.append(rec)
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-            log(f"[{name}] step {rec['step']}/{cfg.steps} ce {rec['ce']:.4f} aux {rec['aux']:.4f} "
+            log(f"[{name}] step {gstep}/{last} ce {rec['ce']:.4f} aux {rec['aux']:.4f} "
                 f"lr {rec['lr']:.2e} {rec['tok_per_s']} tok/s {el / 60:.1f} min")
             acc = {"ce": 0.0, "aux": 0.0, "n": 0}
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < stage.steps:
             ev = evaluate(model, held, cfg.eval_rows)
-            evals.append({"step": step + 1, **ev})
-            metrics.write(json.dumps({"eval_step": step + 1, **ev}) + "\n")
+            evals.append({"step": gstep, **ev})
+            metrics.write(json.dumps({"eval_step": gstep, **ev}) + "\n")
             metrics.flush()
-            log(f"[{name}] eval step {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
-        if time.time() - last_ckpt > cfg.ckpt_minutes * 60 and step + 1 < cfg.steps:
+            log(f"[{name}] eval step {gstep}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if time.time() - last_ckpt > cfg.ckpt_minutes * 60 and step + 1 < stage.steps and acc["n"] == 0:
             # a whole step's state (acc is empty right after a log line: steps are saved on log boundaries)
-            if acc["n"] == 0:
-                save_state(work, name, model, opt, {
-                    "config": config_key, "step": step + 1, "cursor": cursor, "tokens": tokens,
-                    "order_rng": order_rng.bit_generator.state, "history": history, "evals": evals,
-                    "elapsed_s": time.time() - t_start}, order, gen)
-                export(model, cfg, work / f"{name}-latest", tok_json)
-                (work / f"{name}-latest.step").write_text(str(step + 1))
-                last_ckpt = time.time()
-                log(f"[{name}] state saved at step {step + 1}: {state_dir(work, name)}")
-    train_s = time.time() - t_start
-    final = evaluate(model, held, cfg.eval_rows if cfg.quick else cfg.final_eval_rows)
-    evals.append({"step": cfg.steps, **final})
-    metrics.write(json.dumps({"eval_step": cfg.steps, "final": True, **final}) + "\n")
+            save_state(work, name, model, opt, {
+                "config": stage.key, "step": step + 1, "cursor": cursor, "tokens": tokens,
+                "order_rng": order_rng.bit_generator.state, "history": history, "evals": evals,
+                "elapsed_s": time.time() - t_start}, order, gen)
+            export(model, cfg, work / f"{name}-latest", tok_json)
+            (work / f"{name}-latest.step").write_text(str(gstep))
+            last_ckpt = time.time()
+            log(f"[{name}] state saved at step {gstep}: {state_dir(work, name)}")
     metrics.close()
+    return {"history": history, "evals": evals, "tokens": tokens, "seconds": time.time() - t_start}
+
+
+def _pretrained(kind: str, cfg: TrainConfig, work: Path, held: dict, tok_json: str, log) -> tuple[TinyEmo, dict]:
+    """The pretraining stage's model as written (bf16) and its record: reused from work/<name>-pretrained when
+    that was written for this configuration, else trained (resumably) and written there."""
+    name = MODEL_NAMES[kind]
+    done, record_path = work / f"{name}-pretrained", work / f"{name}-pretrained.json"
+    key = cfg.pretrain_key()
+    if record_path.is_file() and (done / "model.safetensors").is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("config") == key:
+            log(f"[{name}] pretraining done: {done}")
+            return load_checkpoint_model(done), record
+    torch.manual_seed(cfg.seed)
+    model = TinyEmo(cfg.model)
+    model.init_weights(cfg.seed)
+    train, _ = load_data(work)
+    stage = Stage("pretraining", name, key, train, cfg.steps, lambda s: lr_at(cfg, s), cfg.seed)
+    res = run_stage(stage, kind, cfg, model, held, work, tok_json, log)
+    export(model, cfg, done, tok_json)
+    record = {"config": key, **res}
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(record_path)
+    return load_checkpoint_model(done), record
+
+
+def train_one(kind: str, cfg: TrainConfig, work: Path, out_root: Path, command: str, threads: int = 1,
+              log=print) -> dict:
+    """Train one model (`kind` "emo" or "topk") from scratch (pretraining, then the anneal stage from the
+    pretrained checkpoint as written) and write it to out_root/<name>."""
+    torch.set_num_threads(threads)
+    name = MODEL_NAMES[kind]
+    _, held = load_data(work)
+    info = json.loads((work / "data.json").read_text())
+    tok_json = (work / "tokenizer.json").read_text(encoding="utf-8")
+    model, pre = _pretrained(kind, cfg, work, held, tok_json, log)
+    model.train()
+    a = cfg.anneal
+    history, evals, tokens, train_s = pre["history"], pre["evals"], pre["tokens"], pre["seconds"]
+    if a.steps:
+        anneal_train, _ = load_data(work, "anneal")
+        key = {**cfg.pretrain_key(), "anneal": asdict(a)}
+        stage = Stage("anneal", f"{name}-anneal", key, anneal_train, a.steps,
+                      lambda s: cosine_lr(a.lr, a.warmup, a.steps, a.min_lr_frac, s), cfg.seed + 17, cfg.steps)
+        res = run_stage(stage, kind, cfg, model, held, work, tok_json, log)
+        history, evals = history + res["history"], evals + res["evals"]
+        tokens, train_s = tokens + res["tokens"], train_s + res["seconds"]
+    total_steps = cfg.steps + a.steps
+    final = evaluate(model, held, cfg.eval_rows if cfg.quick else cfg.final_eval_rows)
+    evals.append({"step": total_steps, **final})
     log(f"[{name}] final held-out: " + " ".join(f"{k} {v:.3f}" for k, v in final.items()))
-    result = {"name": name, "kind": kind, "steps": cfg.steps, "train_seconds": round(train_s, 1),
+    result = {"name": name, "kind": kind, "steps": total_steps, "pretrain_steps": cfg.steps,
+              "anneal_steps": a.steps, "pretrain_seconds": round(pre["seconds"], 1), "train_seconds": round(train_s, 1),
               "tokens_seen": tokens, "tok_per_s": round(tokens / max(train_s, 1e-9)),
               "final_train_ce": sum(h["ce"] for h in history[-5:]) / len(history[-5:]),
               "final_heldout": final, "seed": cfg.seed}
