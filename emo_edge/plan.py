@@ -88,7 +88,7 @@ class ExportPlan:
         from .quant import QuantScheme
         lay = self.layouts[component]
         return QuantScheme(bits=BITS[p], block_size=lay["block_size"], symmetric=lay["symmetric"],
-                           scale_dtype=scale_dtype or lay["scale_dtype"])
+                           scale_dtype=scale_dtype or lay["scale_dtype"], rounding=lay.get("rounding", "absmax"))
 
     # ---- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

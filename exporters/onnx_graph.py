@@ -125,7 +125,8 @@ class Precision:
             return None
         lay = self.layouts.get(component, DEFAULT_LAYOUT)
         return QuantScheme(bits=4 if prec == "int4" else 8, block_size=lay["block_size"], symmetric=lay["symmetric"],
-                           scale_dtype="float32" if matmul else lay["scale_dtype"])
+                           scale_dtype="float32" if matmul else lay["scale_dtype"],
+                           rounding=lay.get("rounding", "absmax"))  # a plan written before rounding was recorded
 
     @property
     def kv_type(self) -> int:

@@ -62,18 +62,21 @@ KV_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
 @dataclass(frozen=True)
 class Layout:
-    """How one quantized component is blocked: block size along K, symmetric (no zero points), scale dtype."""
+    """How one quantized component is blocked: block size along K, symmetric (no zero points), scale dtype, and
+    how symmetric scales are chosen (`quant.QuantScheme.rounding`: "search" unless a target says "absmax")."""
 
     block_size: int
     symmetric: bool
     scale_dtype: str
+    rounding: str = "search"
 
     @property
     def scale_bytes(self) -> int:
         return {"float32": 4, "float16": 2}[self.scale_dtype]
 
     def to_dict(self) -> dict:
-        return {"block_size": self.block_size, "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
+        return {"block_size": self.block_size, "symmetric": self.symmetric, "scale_dtype": self.scale_dtype,
+                "rounding": self.rounding}
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class Target:
     overhead: Overhead
     verify: dict[str, dict[str, float]]  # precision -> metric -> threshold
     speed: Speed = Speed({"fp32": 6e9, "int8": 4e9, "int4": 3.5e9}, 1e-4, 0, 512, 0.9, 100.0)
+    rounding: str = "search"  # how symmetric block scales are chosen (quant.QuantScheme.rounding)
     layouts: dict[str, Layout] = field(default_factory=dict)  # per-component overrides of the default layout
     # tried in order (component -> Layout overrides) when the full pool fits no assignment at `layouts`
     fallback_layouts: tuple[dict[str, Layout], ...] = ()
@@ -132,7 +136,7 @@ class Target:
 
     def layout(self, component: str) -> Layout:
         """The quantization layout of an int8/int4 component (`layouts` entry, else the target's default)."""
-        return self.layouts.get(component) or Layout(self.block_size, self.symmetric, self.scale_dtype)
+        return self.layouts.get(component) or Layout(self.block_size, self.symmetric, self.scale_dtype, self.rounding)
 
     @property
     def kv_bytes_per_element(self) -> int:
@@ -162,6 +166,7 @@ NonNegativeFinite = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 FloatDtype = Literal["float32", "float16"]
 KVDtype = Literal["float32", "float16", "int8"]
+Rounding = Literal["absmax", "search"]
 
 
 class OverheadFile(Schema):
@@ -175,6 +180,7 @@ class LayoutFile(Schema):
     block_size: Positive
     symmetric: bool
     scale_dtype: FloatDtype
+    rounding: Rounding | None = None  # None: the target's
 
 
 class BandwidthFile(Schema):
@@ -212,6 +218,7 @@ class TargetFile(Schema):
     overhead: OverheadFile
     verify: dict[Str, dict[Str, NonNegativeFinite]]
     speed: SpeedFile
+    rounding: Rounding = "search"
     layouts: dict[Str, LayoutFile] = {}
     fallback_layouts: list[dict[Str, LayoutFile]] = []
 
@@ -250,7 +257,7 @@ def load_target(path: str | Path) -> Target:
         speed=Speed(t.speed.bandwidth.model_dump(include={"fp32", "int8", "int4"}), t.speed.layer_s,
                     t.speed.cache_bytes, t.speed.context_tokens, t.speed.balanced_fraction, t.speed.enough_tok_s,
                     measured=raw_speed.get("_measured", "") if isinstance(raw_speed.get("_measured"), str) else ""),
-        layouts=layouts, fallback_layouts=fallback, notes=tuple(notes),
+        rounding=t.rounding, layouts=layouts, fallback_layouts=fallback, notes=tuple(notes),
     )
     if target.name != path.stem:
         raise EmoEdgeError(f"{path}: target name '{target.name}' does not match the file name")
@@ -272,7 +279,8 @@ def _layouts(path: Path, t: "TargetFile", entries: dict, field_name: str) -> dic
                                f"activation dtype {t.activation_dtype} (only {', '.join(FP16_SCALE_COMPONENTS)} "
                                f"take other scales)")
         if entries[c] is not None:
-            out[c] = Layout(lay.block_size, lay.symmetric, lay.scale_dtype)
+            out[c] = Layout(lay.block_size, lay.symmetric, lay.scale_dtype,
+                            getattr(lay, "rounding", None) or t.rounding)
     return out
 
 

@@ -215,3 +215,16 @@ def test_builtin_choice_sets_are_what_the_generators_write():
         assert [(i.prompt, list(i.choices), i.label) for i in items] == \
             [(d["prompt"], d["choices"], d["label"]) for d in want]
         assert all(len(i.choices) == 4 and 0 <= i.label < 4 for i in items)
+
+
+def test_builtin_groups_expand_to_their_sets_with_their_domains():
+    """`--tasks math,code,chat` names groups: math = equations + arithmetic (scored under the math pool), code,
+    and a multiple-choice set (its own domain); each set once, in order."""
+    from emo_edge.commands.eval_tasks import load_task_sets
+
+    sets = load_task_sets("math,code,equations,chat", None, 3)
+    assert [(ts.name, d, len(ts.items)) for ts, d in sets] == [
+        ("equations", "math", 3), ("arithmetic", "math", 3), ("code", "code", 3), ("chat", "chat", 3)]
+    r = run_cli("eval", "--tasks", "math,code", "--limit", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["rows"][0]["scores"]) == {"equations", "arithmetic", "code"}

@@ -301,7 +301,7 @@ def test_fp16_expert_scales_shrink_the_file_not_the_resident_bytes():
 
     routed16, routed32 = (asym(2 * I, H, s) + asym(H, I, s) for s in (2, 4))
     shared = asym(2 * I, H, 4) + asym(H, I, 4)
-    assert plan.layouts["experts"] == {"block_size": 64, "symmetric": False, "scale_dtype": "float16"}
+    assert plan.layouts["experts"] == {"block_size": 64, "symmetric": False, "scale_dtype": "float16", "rounding": "search"}
     assert plan.bytes["experts"] == 32 * routed16 + shared
     fp32_scales = make_plan(spec, pool32(spec), None, 64, dataclasses.replace(
         CPU, layouts={"experts": Layout(64, False, "float32")}), precision="int4")

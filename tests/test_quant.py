@@ -31,6 +31,9 @@ from emo_edge.quant import (  # noqa: E402
 
 SCHEMES = [QuantScheme(b, 32, s) for b in (4, 8) for s in (True, False)]
 IDS = [f"int{s.bits}-{'sym' if s.symmetric else 'asym'}" for s in SCHEMES]
+# what the kernels must also read: searched scales, of which about 40 % are negative
+ORT_SCHEMES = SCHEMES + [QuantScheme(b, 32, True, rounding="search") for b in (4, 8)]
+ORT_IDS = IDS + ["int4-search", "int8-search"]
 
 
 # ---------------------------------------------------------------- independent reference (plain Python)
@@ -94,6 +97,41 @@ def test_quant_dequant_matches_elementwise_reference(scheme):
     assert np.all(err <= qt.scales.astype(np.float32) * 0.5 + 1e-7)
 
 
+def ref_search_codes(w: np.ndarray, scales: np.ndarray, bits: int, bs: int) -> np.ndarray:
+    """Element by element: the nearest signed code to w / scale in [-2^(b-1), 2^(b-1) - 1], times the scale."""
+    half = 2 ** (bits - 1)
+    out = np.zeros(w.shape, np.float32)
+    for r in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            s = float(np.float32(scales[r, c // bs]))
+            q = min(max(round(float(np.float32(w[r, c]) / np.float32(s))), -half), half - 1) if s != 0 else 0
+            out[r, c] = np.float32(q) * np.float32(s)
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_search_rounding_is_nearest_codes_and_never_worse_than_absmax(bits, scale_dtype):
+    """`rounding="search"`: the codes are the nearest to the stored scale (checked element by element), no block's
+    squared error exceeds absmax/(2^(b-1)-1)'s, and on Gaussian weights the error drops clearly (int4: ~15 %)."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((24, 256)).astype(np.float32) * rng.uniform(0.01, 3, (24, 1)).astype(np.float32)
+    w[1, :32] = 0.0  # an all-zero block keeps scale 0
+    w[2, 32:64] = np.abs(w[2, 32:64])  # one-signed blocks
+    w[3, 64:96] = -np.abs(w[3, 64:96])
+    search = quantize_blockwise(w, QuantScheme(bits, 32, True, scale_dtype, "search"))
+    plain = quantize_blockwise(w, QuantScheme(bits, 32, True, scale_dtype))
+    assert search.zero_points is None and search.scales.dtype == plain.scales.dtype
+    assert search.scales[1, 0] == 0 and (search.scales < 0).any() and (search.scales > 0).any()
+    deq = dequantize(search)
+    np.testing.assert_array_equal(deq, ref_search_codes(w, search.scales, bits, 32))
+    err_s = ((deq - w) ** 2).reshape(24, -1, 32).sum(-1)
+    err_p = ((dequantize(plain) - w) ** 2).reshape(24, -1, 32).sum(-1)
+    assert np.all(err_s <= err_p * (1 + 1e-6) + 1e-30)
+    gain = 1 - np.sqrt(err_s.sum() / err_p.sum())
+    assert gain > (0.10 if bits == 4 else 0.005), gain
+
+
 def test_fp16_scales_and_ragged_k():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((3, 80)).astype(np.float32)  # 80 = 2.5 blocks of 32: the last is zero-padded
@@ -107,7 +145,7 @@ def test_fp16_scales_and_ragged_k():
 def test_scheme_json_roundtrip_and_validation():
     s = QuantScheme(8, 64, False, "float16")
     assert QuantScheme.from_json(s.to_json()) == s
-    for bad in ({"bits": 3}, {"block_size": 24}, {"block_size": 8}, {"scale_dtype": "bfloat16"}):
+    for bad in ({"bits": 3}, {"block_size": 24}, {"block_size": 8}, {"scale_dtype": "bfloat16"}, {"rounding": "mse"}):
         with pytest.raises(ValueError):
             QuantScheme(**bad)
 
@@ -133,7 +171,7 @@ def _run_matmulnbits(w, x, scheme, acc):
     return _session(nodes, inits, {"x": x}, out), x.astype(np.float64) @ dequantize(qt).astype(np.float64).T
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+@pytest.mark.parametrize("scheme", ORT_SCHEMES, ids=ORT_IDS)
 def test_matmulnbits_acc0_equals_numpy(scheme):
     rng = np.random.default_rng(3)
     w = rng.standard_normal((48, 128)).astype(np.float32)
@@ -143,17 +181,18 @@ def test_matmulnbits_acc0_equals_numpy(scheme):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_matmulnbits_acc4_error(bits):
+@pytest.mark.parametrize("rounding", ["absmax", "search"])
+def test_matmulnbits_acc4_error(bits, rounding):
     """accuracy_level 4 quantizes activations to int8 per block: ~0.3-1 % relative error on random data."""
     rng = np.random.default_rng(4)
     w = rng.standard_normal((64, 256)).astype(np.float32)
     x = rng.standard_normal((4, 256)).astype(np.float32)
-    y, ref = _run_matmulnbits(w, x, QuantScheme(bits, 32, True), 4)
+    y, ref = _run_matmulnbits(w, x, QuantScheme(bits, 32, True, rounding=rounding), 4)
     rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     assert 1e-5 < rel < 3e-2, rel  # measurably not exact, but small
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+@pytest.mark.parametrize("scheme", ORT_SCHEMES, ids=ORT_IDS)
 def test_gather_block_quantized_equals_dequantized_rows(scheme):
     rng = np.random.default_rng(5)
     table = rng.standard_normal((50, 64)).astype(np.float32)
@@ -230,7 +269,8 @@ def _moe_graph(x, router, qw, mode, k, forced=(), with_weights=True, acc=0, norm
     return _session(nodes + n2 + n3, inits + i2 + i3, {"x": x}, out)
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False)], ids=["sym", "asym"])
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False),
+                                    QuantScheme(4, 32, True, rounding="search")], ids=["sym", "asym", "search"])
 def test_qmoe_emo_shared_expert_routing(scheme):
     """EMO: softmax over routed logits, top-(k-1) with raw probabilities + shared expert (last) with weight 1."""
     rng = np.random.default_rng(6)

@@ -26,12 +26,12 @@ def load_task_sets(text: str, extract: str | None, limit: int | None) -> list[tu
     from ..data.tasks import TASK_DOMAIN
     from ..evaluate.tasks import TaskSet, read_tasks
 
-    domain = {**TASK_DOMAIN, **{f: f for f in CHOICE_FAMILIES}}  # a multiple-choice set is its own domain
+    domain_of = {**TASK_DOMAIN, **{f: f for f in CHOICE_FAMILIES}}  # a multiple-choice set is its own domain
 
     out, seen = [], set()
     for item in [s.strip() for s in text.split(",") if s.strip()]:
         if item in BUILTIN_SETS:
-            sets = [(read_tasks(task_path(f), name=f), domain[f]) for f in BUILTIN_SETS[item]]
+            sets = [(read_tasks(task_path(f), name=f), domain_of[f]) for f in BUILTIN_SETS[item]]
         elif Path(item).suffix.lower() in (".jsonl", ".json", ".ndjson") or "/" in item or Path(item).exists():
             sets = [(read_tasks(item, extract), None)]
         else:
