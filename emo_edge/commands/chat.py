@@ -113,8 +113,9 @@ def _answer(rt, conv: Conversation, message: str, state: dict, opts: dict) -> No
     swap = (f"; swap {sw['seconds'] * 1e3:.0f} ms, read {sw['experts_read']} experts "
             f"({fmt_bytes(sw['bytes_read'])}), reused {sw['experts_reused']}, from cache "
             f"{sw['experts_from_cache']}" if sw and not sw["noop"] else "")
-    click.echo(f"[pool {res['pool']}: {res['reason']}{swap}; prompt {res['prefill_tokens']} tokens "
-               f"({len(conv.turns)} turn(s) in context); decode {res['decode_tokens']} tokens "
+    cached = f"; {res['cached_tokens']} kept from the last turn" if res["cached_tokens"] else ""
+    click.echo(f"[pool {res['pool']}: {res['reason']}{swap}; prompt {res['prefill_tokens'] + res['cached_tokens']} "
+               f"tokens ({len(conv.turns)} turn(s) in context){cached}; first token {res['ttft_s'] * 1e3:.0f} ms; decode {res['decode_tokens']} tokens "
                f"{res['decode_tok_s']:.1f} tok/s]", err=True)
 
 
@@ -220,6 +221,8 @@ def register(cli: click.Group) -> None:
                 note = "; --budget applies to swappable bundles only" if budget else ""
                 click.echo(f"loaded {bundle} (static bundle of pool {rt.pool_name}; RSS "
                            f"{fmt_bytes(rt.stats()['rss'])}{note})", err=True)
+            # one conversation: its session is kept between turns, so a turn prefills its new tokens only
+            rt.keep_prefixes(rt.session_kv_bytes(rt.token_limit), max_entries=1)
             conv = Conversation(rt.tokenizer, rt.token_limit, max_new_tokens)
             state = {"pool": pool}
             opts = {"interactive": prompt is None,

@@ -121,12 +121,33 @@ class Engine:
         reason, scores = "requested", {}
         if pool in ("auto", "doc"):
             pool, reason, scores = self.choose_pool(list(choose_on) if choose_on else ids, pool)
+        cache = self.prefix_cache if isinstance(pool, str) or pool is None else None  # ad-hoc pools: never kept
         with self.serving(pool) as (name, swap):
-            s = self.session(len(ids) + sampling.max_tokens)
-            done = run_generation(s, ids, sampling, self.eos, on_token)
+            need = len(ids) + sampling.max_tokens
+            s, reused = cache.take(name, ids, min(need, self.token_limit)) if cache else (None, 0)
+            if s is None:  # a kept session holds the whole context (zero pages until written)
+                s = self.session(None if cache else need)
+            done = run_generation(s, ids[reused:], sampling, self.eos, on_token)
+            if cache:
+                cache.put(name, s, ids + done.ids)
+        done.cached_tokens = reused
         done.pool = name if isinstance(pool, str) or pool is None else "ad-hoc"
         done.reason, done.scores, done.swap = reason, scores, swap
         return done
+
+    prefix_cache = None  # a PrefixCache once `keep_prefixes` is called
+
+    def session_kv_bytes(self, tokens: int) -> int:
+        """Bytes of KV cache `tokens` positions take in a session (keys and values of every layer)."""
+        return 2 * self.n_layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize * tokens
+
+    def keep_prefixes(self, max_bytes: int, max_entries: int = 16):
+        """Keep sessions after each generation (engine/prefix.py) within `max_bytes` of KV cache; a later prompt
+        that starts with tokens one holds prefills only the rest. Returns the cache (its `stats()` for metrics)."""
+        from .prefix import PrefixCache
+
+        self.prefix_cache = PrefixCache(max_bytes, max_entries)
+        return self.prefix_cache
 
 
 @contextlib.contextmanager

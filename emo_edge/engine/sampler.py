@@ -34,6 +34,7 @@ class Completion:
     reason: str = "requested"
     scores: dict = field(default_factory=dict)
     swap: dict | None = None  # SwapStats.to_dict() when this generation had to swap
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (not prefilled)
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill's logits)
@@ -49,7 +50,7 @@ class Completion:
 
     @property
     def total_tokens(self) -> int:
-        return self.prefill_tokens + len(self.ids)
+        return self.cached_tokens + self.prefill_tokens + len(self.ids)
 
     def timings(self) -> dict:
         """Token counts, seconds and tokens/s of the prefill and the decode, and why it stopped."""
@@ -60,7 +61,7 @@ class Completion:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                "total_tokens": self.total_tokens}
+                "total_tokens": self.total_tokens, "ttft_s": self.prefill_s}
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -68,11 +68,27 @@ class KVCache:
         rows = capacity if shared else 0
         self.arrays = [np.zeros((1, kv_heads, rows, head_dim), self.dtype) for _ in range(2 * n_layers)]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays] if shared else []
-        self.length = 0  # positions written
+        self.length = 0  # positions held
+        self.high = 0  # positions ever written (shared buffers: the rows that are resident pages)
+        self._row_bytes = 2 * n_layers * kv_heads * head_dim * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the rows written so far (what the cache holds in RAM: unwritten rows are zero pages)."""
+        return self.high * self._row_bytes
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions: the next run writes from position n on (shared buffers are overwritten
+        in place; the rows past n are never attended, the attention mask ends at the new length)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot keep {n} of {self.length} positions")
+        if not self.shared:
+            self.arrays = [a[:, :, :n] for a in self.arrays]
+        self.length = n
 
     def bind(self, io, inputs: Sequence[str], outputs: Sequence[str]) -> int:
         """Bind the cache entries a graph has (by name, shared mode); returns how many outputs were bound."""
@@ -171,6 +187,10 @@ class DecodeSession:
     def room(self) -> int:
         return self.kv.capacity - self.kv.length
 
+    def truncate(self, n: int) -> None:
+        """Forget all but the first `n` tokens held (the prefix cache reuses the rest)."""
+        self.kv.truncate(n)
+
     def feed(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Run new tokens after those held; returns their logits (S, V) as float32, or (1, V) of the last token
         with `last_only` where the graph can skip the others (its `logits_to_keep` input; older bundles give
@@ -189,6 +209,7 @@ class DecodeSession:
                LOGITS_TO_KEEP: last_only}
         self.run(env)
         self.kv.length = total
+        self.kv.high = max(self.kv.high, total)
         logits = env["logits"][0]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 

@@ -279,6 +279,8 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
             st.noop = True
             self.swaps.append(st)
             return st
+        if self.prefix_cache is not None:  # kept sessions of other pools give their memory back before the swap
+            self.prefix_cache.drop_other_pools(name)
         if self.mechanism == "mapped":
             return self._swap_mapped(st, t0, name, target)
         return self._swap_rebuild(st, t0, name, target)

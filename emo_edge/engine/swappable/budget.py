@@ -19,7 +19,7 @@ class Budget:
         """One decode session's KV cache of `max_tokens` positions: one buffer when past and present share it,
         else past + present during a step."""
         copies = 1 if getattr(self, "kv_shared", False) else 2
-        return copies * 2 * self.n_layers * self.kv_heads * self.head_dim * self.kv_dtype.itemsize * self.max_tokens
+        return copies * self.session_kv_bytes(self.max_tokens)
 
     def activation_bytes(self) -> int:
         return 64 * MB + 3 * 4 * self.vocab_size * self.prefill_chunk
