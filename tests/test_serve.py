@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -522,3 +523,22 @@ def test_command_errors_are_one_line(tmp_path_factory):
         r = serve(str(bundle), "--port", str(port))
     assert r.returncode == 2 and r.stderr.strip() == f"error: --port {port}: cannot listen on 127.0.0.1:{port} " \
                                                      f"(Address already in use)"
+
+
+def test_a_prompt_that_extends_an_earlier_one_prefills_only_the_rest(served, client, reference):
+    """The prefix cache: the second prompt starts with the first prompt and its answer, so only its new tokens
+    are prefilled (usage.prompt_tokens_details.cached_tokens), the answer is still the independent greedy one,
+    and /metrics counts the hit."""
+    name = served[0].bundle.name
+    first = "def scale(xs, k):"
+    a = client.completions.create(model=f"{name}:code", prompt=first, max_tokens=8, temperature=0)
+    second = first + a.choices[0].text + "\n\ndef shift(xs, k):"
+    ids = reference.tokenizer.encode(second)
+    want = reference.tokenizer.decode(greedy(reference, ids, "code", 8))
+    b = client.completions.create(model=f"{name}:code", prompt=second, max_tokens=8, temperature=0)
+    assert b.choices[0].text == want
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert b.usage.prompt_tokens == len(ids) and 8 <= cached < len(ids), b.usage
+    metrics = urllib.request.urlopen(served[0].url + "/metrics", timeout=30).read().decode()
+    hits = [ln for ln in metrics.splitlines() if ln.startswith("emo_edge_prefix_cache_hits ")]
+    assert hits and float(hits[0].split()[1]) >= 1, hits

@@ -34,8 +34,10 @@ def _bind(host: str, port: int):
 def _ready_line(engine) -> None:
     mem = engine.memory
     budget = f", budget {mem['budget'] / 2**20:.0f} MiB" if mem["budget"] else ""
+    pc = getattr(engine, "prefix_cache", None)
+    cache = f"; prefix cache {pc.max_bytes / 2**20:.0f} MiB" if pc is not None else "; prefix cache off"
     click.echo(f"ready: pools {', '.join(engine.pools)}; backbone RSS {mem['backbone_rss'] / 2**20:.0f} MiB, one "
-               f"pool needs {mem['required_one_pool'] / 2**20:.0f} MiB{budget}", err=True)
+               f"pool needs {mem['required_one_pool'] / 2**20:.0f} MiB{budget}{cache}", err=True)
 
 
 def resolve_api_key(option: str | None, path: str | None) -> str | None:
@@ -120,9 +122,13 @@ def register(cli: click.Group) -> None:
     @click.option("--aging", "aging", default=4, show_default=True, type=click.IntRange(0, 10_000),
                   help="A request passed over this many times by later ones (for the resident pool) is served next.")
     @click.option("--no-pool-grouping", is_flag=True, help="Serve strictly in arrival order (FIFO), for comparison.")
+    @click.option("--prefix-cache", default="64MB", show_default=True,
+                  help="KV cache kept after requests (per pool, least recently used out first), so a prompt that "
+                       "starts with a kept one (earlier chat turns, a shared system prompt) prefills only the rest; "
+                       "0 turns it off. Under --budget, at most half of what one pool leaves free.")
     @click.option("--threads", default=None, type=THREADS, help="onnxruntime intra-op threads (0 = its default).")
     def serve_cmd(bundle, budget, host, port, api_key, api_key_file, allow_hosts, allow_origins, max_tokens, aging,
-                  no_pool_grouping, threads):
+                  no_pool_grouping, prefix_cache, threads):
         from pathlib import Path
 
         from ..errors import BundleError, EmoEdgeError
@@ -132,6 +138,7 @@ def register(cli: click.Group) -> None:
         if not Path(bundle, "manifest.json").is_file():
             raise BundleError(f"{bundle}: not a bundle (no manifest.json)")
         budget_bytes = parse_size(budget, "--budget") if budget is not None else None
+        cache_bytes = parse_size(prefix_cache, "--prefix-cache") if prefix_cache not in ("0", "") else 0
         from ..engine.swappable import is_swappable
 
         if budget_bytes is not None and not is_swappable(bundle):
@@ -148,8 +155,17 @@ def register(cli: click.Group) -> None:
             if server_box:
                 server_box[0].should_exit = True
 
-        state = ServerState(lambda: open_engine(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
-                                                progress=lambda msg: click.echo(msg, err=True)),
+        def load():
+            eng = open_engine(bundle, budget=budget, threads=threads, max_tokens=max_tokens,
+                              progress=lambda msg: click.echo(msg, err=True))
+            size = cache_bytes
+            if budget_bytes is not None and size:  # what one pool leaves free under the budget, halved
+                size = min(size, max(0, budget_bytes - eng.required_bytes()["total"]) // 2)
+            if size >= eng.session_kv_bytes(64):
+                eng.keep_prefixes(size)
+            return eng
+
+        state = ServerState(load,
                             api_key, aging, not no_pool_grouping, budget_bytes, on_load_error=stop_on_error,
                             on_ready=_ready_line)
         server = uvicorn.Server(uvicorn.Config(create_app(state, host, allow_hosts, allow_origins), log_level="warning", access_log=False))

@@ -219,7 +219,7 @@ async def _collect(request: Request, pending: Pending, shape: _Shape) -> Respons
         else:
             gen, hit = value
             body = shape.obj([shape.choice("".join(parts), finish_reason(gen.stop, hit), chunk=False)],
-                             {"usage": usage(pending.prompt_tokens, len(gen.ids)), "emo_edge": info}, chunk=False)
+                             {"usage": usage(pending.prompt_tokens, len(gen.ids), gen.cached_tokens), "emo_edge": info}, chunk=False)
             return JSONResponse(body)
 
 
@@ -250,7 +250,7 @@ async def _sse(pending: Pending, shape: _Shape, include_usage: bool):
                 yield event(shape.obj([shape.choice("", None, chunk=True, first=True)], extra, True))
             yield event(shape.obj([shape.choice("", finish_reason(gen.stop, hit), chunk=True)], extra, True))
             if include_usage:
-                yield event(shape.obj([], {"usage": usage(pending.prompt_tokens, len(gen.ids)), **extra}, True))
+                yield event(shape.obj([], {"usage": usage(pending.prompt_tokens, len(gen.ids), gen.cached_tokens), **extra}, True))
             break
     yield "data: [DONE]\n\n"
 

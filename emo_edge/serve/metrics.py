@@ -39,6 +39,12 @@ class Metrics:
         self.budget = Gauge("emo_edge_budget_bytes", "The --budget (0: none)", registry=r)
         self.budget.set(budget or 0)
         self.queue = Gauge("emo_edge_queue_depth", "Requests waiting for the engine", registry=r)
+        self.prefix = {k: Gauge(f"emo_edge_prefix_cache_{k}", what, registry=r) for k, what in (
+            ("bytes", "KV cache bytes kept for later prompts"), ("max_bytes", "The prefix cache's bound (0: off)"),
+            ("entries", "Sessions kept"), ("hits", "Prompts that reused a kept prefix"),
+            ("misses", "Prompts that found no kept prefix"),
+            ("tokens_reused", "Prompt tokens not prefilled thanks to the cache"),
+            ("evictions", "Kept sessions dropped (bounds, swaps)"))}
         self._lock = threading.Lock()
 
     # ---- from the scheduler's worker -----------------------------------------------------------------------
@@ -60,6 +66,10 @@ class Metrics:
 
     def snapshot(self, engine) -> None:
         self.resident.set(engine.stats()["resident_experts"])
+        cache = getattr(engine, "prefix_cache", None)  # an Engine's; test doubles may have none
+        if cache is not None:
+            for k, v in cache.stats().items():
+                self.prefix[k].set(v)
 
     def render(self, queue_depth: int) -> bytes:
         self.queue.set(queue_depth)
