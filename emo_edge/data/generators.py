@@ -413,8 +413,9 @@ DOMAINS = tuple(GENERATORS)
 DOMAIN_SEED = {"math": 101, "code": 202, "prose": 303, "chat": 404, "records": 505}
 
 
-def generate(domain: str, n: int, split: str) -> list[str]:
-    """`n` documents of `domain` for `split` ("train", "heldout" or "calib"); splits use disjoint seeds.
+def generate(domain: str, n: int, split: str, style: str = "short") -> list[str]:
+    """`n` documents of `domain` for `split` ("train", "heldout" or "calib"); splits use disjoint seeds; `style`:
+    the equations' working in task documents (tasks.py `equation`).
 
     Calibration and held-out `math` and `code` documents alternate with groups of exact-answer task documents
     (tasks.py), so pools are discovered on, and perplexity is measured over, both kinds of text the domain holds.
@@ -429,7 +430,7 @@ def generate(domain: str, n: int, split: str) -> list[str]:
     out = []
     for i in range(n):
         if families and i % 2 == 1:
-            out.append("\n\n".join(task_document(families[j % len(families)], rng)[1] for j in range(6)))
+            out.append("\n\n".join(task_document(families[j % len(families)], rng, style)[1] for j in range(6)))
         else:
             out.append(gen(rng))
     return out
