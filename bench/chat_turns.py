@@ -29,7 +29,7 @@ MESSAGES = ["How long should I boil an egg?", "Why is that?", "What about a soft
 
 def conversation(eng, turns: int, max_new: int, pool) -> list[tuple[int, int, float, list[int]]]:
     from emo_edge.engine import Sampling
-    from emo_edge.tokenizer import CHAT
+    from emo_edge.model.tokenizer import CHAT
 
     conv, out = [], []
     for i in range(turns):

@@ -11,7 +11,7 @@ real width (only the router is narrower than 128), and writes 4.4 GB instead of 
 
 Each side runs in its own subprocess (`python bench/decode.py _worker ...`) so its peak RSS (ru_maxrss) is its
 own: load, prefill `--prompt` tokens, then greedy-decode `--tokens` tokens with the KV cache.
-  * reference: `emo_edge.reference.Reference(view, pool)` in fp32, resident weights (the lm_head is pinned
+  * reference: `emo_edge.model.reference.Reference(view, pool)` in fp32, resident weights (the lm_head is pinned
     resident too, so the reference is not charged for re-reading the head from disk each token);
   * bundle: emo-edge's engine (`emo_edge.engine.open_engine`, what `emo-edge run` uses): one decode session
     whose KV cache is preallocated and shared between past and present.
@@ -25,7 +25,7 @@ For scale: llama.cpp decodes emo-14b's shape (16 layers, 32 experts + 1 shared, 
 
 `python bench/decode.py overhead` measures the planner's runtime-overhead formula (see targets/cpu.json): it
 builds int4 stand-in graphs of two sizes (GatherBlockQuantized embedding, MatMulNBits stack, MatMulNBits head,
-external data), loads each with `emo_edge.ort_session.cpu_session` (as the engine does) and reports each
+external data), loads each with `emo_edge.engine.ort_session.cpu_session` (as the engine does) and reports each
 subprocess's peak RSS minus the weight file bytes at 1 and N prompt tokens, and the anon/file split after load.
 The planner's formula itself is fitted on real bundles with `python bench/residency.py fit` (see targets/cpu.json).
 """
@@ -101,10 +101,10 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> np.ndarray:
 def worker_reference(args) -> dict:
     import torch
 
-    from emo_edge.checkpoint import CheckpointView
-    from emo_edge.names import TensorKey
-    from emo_edge.poolfile import read_pool_file
-    from emo_edge.reference import Reference
+    from emo_edge.model.checkpoint import CheckpointView
+    from emo_edge.model.names import TensorKey
+    from emo_edge.pools.file import read_pool_file
+    from emo_edge.model.reference import Reference
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def worker_reference(args) -> dict:
 def worker_bundle(args) -> dict:
     """The bundle through emo-edge's engine (what `emo-edge run` uses): one decode session, KV preallocated."""
     from emo_edge.engine import open_engine
-    from emo_edge.spec import load_spec
+    from emo_edge.model.spec import load_spec
 
     spec = load_spec(args.model)
     t0 = time.perf_counter()
@@ -184,9 +184,9 @@ def run_worker(side: str, args, extra: list[str] = ()) -> dict:
 
 # ---- the side-by-side run ----------------------------------------------------------------------------------
 def bench(args) -> dict:
-    from emo_edge.plan import COMPONENTS, ExportPlan, make_plan, weight_bytes
-    from emo_edge.poolfile import read_pool_file
-    from emo_edge.spec import load_spec
+    from emo_edge.plan.search import COMPONENTS, ExportPlan, make_plan, weight_bytes
+    from emo_edge.pools.file import read_pool_file
+    from emo_edge.model.spec import load_spec
     from emo_edge.units import fmt_bytes
     from targets import get_target
 
@@ -281,7 +281,7 @@ def build_standin(path: Path, vocab: int, hidden: int, n_mats: int, block: int =
     import onnx
     from onnx import TensorProto, helper
 
-    from emo_edge import ort_ops
+    from exporters import ort_ops
     from emo_edge.quant import QuantizedTensor, QuantScheme
 
     rng = np.random.default_rng(0)
@@ -328,7 +328,7 @@ def rss_split() -> tuple[int, int]:
 def worker_standin(args) -> dict:
     import onnxruntime as ort
 
-    from emo_edge.ort_session import cpu_session
+    from emo_edge.engine.ort_session import cpu_session
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads

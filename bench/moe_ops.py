@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from emo_edge import ort_ops  # noqa: E402
+from exporters import ort_ops  # noqa: E402
 from emo_edge.quant import QMoEWeights, QuantizedTensor, QuantScheme  # noqa: E402
 
 H, I, E_ROUTED, K = 2048, 1024, 32, 8

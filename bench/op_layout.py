@@ -8,7 +8,7 @@ scales: a MoE layer of a 52-expert pool union + its shared expert) and `matmul` 
 both at accuracy_level 4 (int8 activations, the exporter's setting). Weights are random codes (speed and memory do
 not depend on their values). "resident" = RssAnon after the session is built minus before (the external data file
 is mapped; onnxruntime prepacks into anonymous memory and the loaders release the file's pages); bits/weight =
-resident * 8 / weights. This is what the planner's `prepacked_extra` charges (emo_edge/plan_bytes.py) and what
+resident * 8 / weights. This is what the planner's `prepacked_extra` charges (emo_edge/plan/sizing.py) and what
 targets/cpu.json's fallback layout rests on.
 """
 
@@ -75,7 +75,7 @@ def build(op: str, block: int, experts: int, path: Path) -> int:
 def worker(job: dict) -> dict:
     import numpy as np
 
-    from emo_edge.ort_session import cpu_session
+    from emo_edge.engine.ort_session import cpu_session
     import onnxruntime as ort
 
     before = anon()

@@ -14,7 +14,7 @@ is a window, and the kernel events (`*_kernel_time`) inside the windows are summ
 
 Bytes per decode step of a node (what it must read from memory, from the graph's initializers, no data
 loaded): MatMulNBits / QMoE weights as onnxruntime holds them after prepacking (the packed codes + MLAS's
-float32 scale and block sum per block, emo_edge/plan_bytes.py); QMoE: k of its E experts; the embedding:
+float32 scale and block sum per block, emo_edge/plan/sizing.py); QMoE: k of its E experts; the embedding:
 one row; GroupQueryAttention: the KV cache of the mean decode context (2 x kv_heads x positions x head_dim
 x the cache's bytes per element). The table prints ms per token, share of the step, MB per token, the
 operator's effective GB/s and its share of the machine's read bandwidth (a numpy sum over 1 GiB on
@@ -108,7 +108,7 @@ def worker(job: dict) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from emo_edge.engine import StaticEngine
-    from emo_edge.ort_session import cpu_session, session_options
+    from emo_edge.engine.ort_session import cpu_session, session_options
 
     bw = read_probe(job["threads"])
     eng = StaticEngine(job["bundle"], threads=job["threads"])

@@ -110,8 +110,8 @@ def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
 def bench(args) -> dict:
     from decode import read_bandwidth  # bench/decode.py's probe
 
-    from emo_edge.bundle_schema import read_model_dims
-    from emo_edge.spec import load_spec
+    from emo_edge.bundle.schema import read_model_dims
+    from emo_edge.model.spec import load_spec
     from emo_edge.units import fmt_bytes
 
     spec = load_spec(args.model)

@@ -95,8 +95,8 @@ class Decoder:
 
 # ---- the real-width stand-in graph ------------------------------------------------------------------------
 def speed_spec():
-    from emo_edge.spec import spec_from_config
-    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.model.spec import spec_from_config
+    from emo_edge.model.synth import PRESETS, build_config
     return spec_from_config(build_config(PRESETS["emo-14b"], layers=LAYERS, num_experts=ROUTED + 1,
                                          vocab_size=VOCAB))
 

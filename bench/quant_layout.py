@@ -97,11 +97,11 @@ def worker(args) -> dict:
 def accuracy(model: Path, pools: str, layout: list, kv: str) -> dict:
     """Export `model` at int4 with the layout (no verification), run it with `Decoder`, compare with the fp32
     reference on the verification's own sample (export/verify.py)."""
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.export import verify
     from emo_edge.export.pipeline import export
-    from emo_edge.reference import Reference
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.reference import Reference
+    from emo_edge.model.tokenizer import TextTokenizer
     from targets import get_target
 
     tgt = target_with(*layout, kv)
@@ -137,10 +137,10 @@ def load() -> str:
 
 def expert_bpw(block: int, scale: str, sym: bool) -> tuple[float, float]:
     """(bits per weight counted from the packed arrays of one real-width expert, the planner's arithmetic)."""
-    from emo_edge.plan_bytes import expert_bytes
+    from emo_edge.plan.sizing import expert_bytes
     from emo_edge.quant import QuantScheme, quantize_blockwise
-    from emo_edge.spec import spec_from_config
-    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.model.spec import spec_from_config
+    from emo_edge.model.synth import PRESETS, build_config
     s = QuantScheme(4, block, sym, scale)
     w = np.random.default_rng(0).standard_normal((2 * I, H), dtype=np.float32)
     counted = quantize_blockwise(w, s).nbytes + quantize_blockwise(w[:H, :I], s).nbytes
@@ -275,11 +275,11 @@ def cmd_layouts(a) -> None:
 
 
 def cmd_calibrate(a) -> None:
-    """Effective bandwidth and per-layer cost for targets/<t>.json "speed" (see emo_edge/plan_bytes.py)."""
+    """Effective bandwidth and per-layer cost for targets/<t>.json "speed" (see emo_edge/plan/sizing.py)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from decode import read_bandwidth
 
-    from emo_edge.plan import make_plan
+    from emo_edge.plan.search import make_plan
     from targets import get_target
 
     spec, tgt = speed_spec(), get_target(a.target)

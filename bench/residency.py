@@ -123,7 +123,7 @@ def worker(a) -> dict:
     __import__("onnxruntime")  # counted in the import baseline
 
     import emo_edge.engine.static as es
-    from emo_edge.ort_session import cpu_session
+    from emo_edge.engine.ort_session import cpu_session
 
     stages = {"import": status()}
     release = a.option != "baseline"
@@ -287,7 +287,7 @@ def stages_cmd(a) -> None:
 # ---- the plan against the peak of `emo-edge run` --------------------------------------------------------
 def prompt_text(root: Path, n_tokens: int) -> str:
     """Deterministic text of exactly `n_tokens` tokens under the bundle's tokenizer."""
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.tokenizer import TextTokenizer
 
     tok = TextTokenizer(root / "tokenizer.json")
     rng = np.random.default_rng(0)

@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emo_edge.checkpoint import CheckpointView  # noqa: E402
+from emo_edge.model.checkpoint import CheckpointView  # noqa: E402
 from emo_edge.pools.calib import read_documents  # noqa: E402
 from emo_edge.pools.discover import discover, doc_nll, pool_sizes  # noqa: E402
-from emo_edge.reference import Reference  # noqa: E402
-from emo_edge.tokenizer import load_tokenizer  # noqa: E402
+from emo_edge.model.reference import Reference  # noqa: E402
+from emo_edge.model.tokenizer import load_tokenizer  # noqa: E402
 
 DATA = ROOT / "emo_edge" / "data"
 MODELS = {"EMO": ROOT / "emo_edge" / "models" / "emo-tiny", "StdMoE": ROOT / "emo_edge" / "models" / "stdmoe-tiny"}

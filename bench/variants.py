@@ -6,7 +6,7 @@ processes alternating A B A B, at several prompt lengths.
         [--tokens 32] [--rounds 3] [--threads 2] [--json out.json]
 
 A variant is NAME=BUNDLE[:KEY=VALUE,...]: the KEY=VALUE pairs are onnxruntime session config entries
-(`SessionOptions.add_session_config_entry`) added on top of emo-edge's own options (emo_edge/ort_session.py
+(`SessionOptions.add_session_config_entry`) added on top of emo-edge's own options (emo_edge/engine/ort_session.py
 session_options), e.g. session.intra_op.allow_spinning=0, session.intra_op_thread_affinities=1;2,
 session.dynamic_block_base=4; the pseudo-entries `graph_optimization_level=disable|basic|extended|all` and
 `threads=N` set those fields, `prefill_chunk=N` the engine's prompt chunk (tokens per prefill run). Each run
@@ -46,7 +46,7 @@ def apply_config(config: dict) -> None:
     """Wrap emo-edge's session options so that every session this worker makes gets `config`."""
     import onnxruntime as ort
 
-    from emo_edge import ort_session
+    from emo_edge.engine import ort_session
 
     base = ort_session.session_options
 

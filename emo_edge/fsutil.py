@@ -70,7 +70,7 @@ def _marker_json(path: str | Path, name: str):
 
 def is_bundle(path: str | Path) -> bool:
     """A real directory holding our manifest.json (schema_version plus emo_edge_version or kind)."""
-    from .bundle import MANIFEST
+    from .bundle.files import MANIFEST
 
     data = _marker_json(path, MANIFEST)
     return (isinstance(data, dict) and type(data.get("schema_version")) is int

@@ -30,7 +30,7 @@ Byte layouts (all uint8; "LSB first" = element 2j in bits 0-3, element 2j+1 in b
       fc2_experts_weights [E, H, I*b/8]   fc2_scales [E, H, I/bs]  fc2_zero_points [E, H, ceil((I/bs)*b/8)]
       i.e. each expert's projection is byte-for-byte the MatMulNBits B of that projection.
 
-EMO semantics with QMoE (see emo_edge/ort_ops.py and tests/test_quant.py::test_qmoe_emo_routing):
+EMO semantics with QMoE (see exporters/ort_ops.py and tests/test_quant.py::test_qmoe_emo_routing):
   activation_type='swiglu', swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, no swiglu_limit
   => G*sigmoid(1*G)*(L+0) = silu(gate)*up exactly. normalize_routing_weights=0, use_sparse_mixer=0.
   router_probs   = selection scores (routed logits; forced experts get +3e4), only their order matters;

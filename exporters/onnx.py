@@ -35,8 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from emo_edge import ort_ops
-from emo_edge.plan_bytes import GQA_HEAD_MULTIPLE
+from exporters import ort_ops
+from emo_edge.plan.sizing import GQA_HEAD_MULTIPLE
 from emo_edge.quant import QMoEWeights, QuantScheme, interleave_gate_up, quantize_blockwise
 
 from .onnx_attention import AttentionMixin

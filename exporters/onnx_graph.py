@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from emo_edge import ort_ops
+from exporters import ort_ops
 from emo_edge.quant import QuantScheme, quantize_blockwise
 
 MS = "com.microsoft"
@@ -103,7 +103,7 @@ DEFAULT_LAYOUT = {"block_size": 32, "symmetric": True, "scale_dtype": "float32"}
 @dataclass
 class Precision:
     """Per-component precision: fp32 | fp16 | int8 | int4 (routers and norms always fp32), the quantization
-    layout of each component ({"block_size", "symmetric", "scale_dtype"}, see emo_edge/plan_bytes.py) and the
+    layout of each component ({"block_size", "symmetric", "scale_dtype"}, see emo_edge/plan/sizing.py) and the
     KV cache dtype (float32 | float16; GroupQueryAttention then runs in it)."""
     attention: str = "fp32"
     experts: str = "fp32"
@@ -165,7 +165,7 @@ class Graph:
         return self.one("Cast", [name], f"{name}/Cast", to=TensorProto.FLOAT)
 
     def emitted(self, em) -> str:
-        """Take (nodes, inits, out) from emo_edge.ort_ops, streaming the inits to the data file."""
+        """Take (nodes, inits, out) from exporters.ort_ops, streaming the inits to the data file."""
         nodes, inits, out = em
         self.nodes += nodes
         self.inits += [self.data.add_proto(t) for t in inits]

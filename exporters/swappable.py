@@ -378,7 +378,7 @@ def export_swappable(model: Path, pools: str, budget: str | None, context: int, 
     """Static export of the union of `pools`, then surgery into a swappable bundle at `out`. `budget` is not
     applied to the union (the runtime enforces its own budget); it is recorded. Returns the static report plus
     a "swappable" summary."""
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.export import bundle_writer, pipeline
     from emo_edge.fsutil import atomic_dir, check_target, scratch
 

@@ -81,7 +81,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class Speed:
-    """The planner's decode-speed model (emo_edge/plan_bytes.py decode_estimate): seconds per token = layers *
+    """The planner's decode-speed model (emo_edge/plan/sizing.py decode_estimate): seconds per token = layers *
     layer_s + per kernel class (fp32, int8, int4) the bytes it reads per token from memory / bandwidth[class],
     where a share cache_bytes / resident weights of the reads hits the last-level cache; the KV cache is read at
     `context_tokens` of context. The default `auto` (balanced) takes the most accurate fitting plan whose

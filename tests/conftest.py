@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from emo_edge.synth import PRESETS, synthesize, with_layers  # noqa: E402
+from emo_edge.model.synth import PRESETS, synthesize, with_layers  # noqa: E402
 
 TINY = PRESETS["tiny"]
 

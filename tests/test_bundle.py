@@ -22,7 +22,7 @@ def bundle_dir(tmp_path_factory, variant):
 
 
 def test_manifest_lists_every_file_with_sha256(bundle_dir):
-    from emo_edge.bundle import sha256_file
+    from emo_edge.bundle.files import sha256_file
     m = json.loads((bundle_dir / "manifest.json").read_text())
     on_disk = {p.name for p in bundle_dir.iterdir()} - {"manifest.json"}
     assert set(m["files"]) == on_disk
@@ -54,7 +54,7 @@ def test_corrupt_or_missing_files_refused(bundle_dir, tmp_path):
 
 
 def test_pool_must_match_bundle(bundle_dir, tmp_path):
-    from emo_edge.bundle import pool_matches
+    from emo_edge.bundle.files import pool_matches
     from emo_edge.engine import StaticEngine
     from emo_edge.errors import BundleError
     m = StaticEngine(bundle_dir).manifest

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from emo_edge.bundle import check_files, pool_matches, read_manifest
+from emo_edge.bundle.files import check_files, pool_matches, read_manifest
 from emo_edge.engine import StaticEngine
 from emo_edge.errors import BundleError, PoolError
 from emo_edge.export.pipeline import export
 from emo_edge.engine.swappable import SwappableEngine, mapped
-from emo_edge.synth import PRESETS, synthesize
+from emo_edge.model.synth import PRESETS, synthesize
 from exporters.swappable import export_swappable
 
 IDS = [5, 17, 99, 3, 250, 7]

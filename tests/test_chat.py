@@ -19,7 +19,7 @@ import pytest
 
 from emo_edge.commands.chat import COMMANDS, help_text
 from emo_edge.engine.swappable import SwappableEngine
-from emo_edge.tokenizer import CHAT, EOS
+from emo_edge.model.tokenizer import CHAT, EOS
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = 1024  # the bundle's context; most tests run with --max-tokens LIMIT (the runtime's KV reserve)

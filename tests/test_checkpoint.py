@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from conftest import make_variant, run_cli
-from emo_edge.checkpoint import CheckpointView
+from emo_edge.model.checkpoint import CheckpointView
 from emo_edge.cli import cli
 from emo_edge.errors import CheckpointError, ConfigError
-from emo_edge.reference import Reference
-from emo_edge.spec import spec_from_config
+from emo_edge.model.reference import Reference
+from emo_edge.model.spec import spec_from_config
 
 IDS = [5, 17, 99, 3, 250, 42, 7, 11]
 
@@ -168,7 +168,7 @@ def test_max_position_minus_one_means_unknown():
 
 
 def test_released_shape_parameter_counts():
-    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.model.synth import PRESETS, build_config
 
     spec = spec_from_config(build_config(PRESETS["emo-14b"]))
     counts = spec.param_counts()
@@ -195,9 +195,9 @@ def test_reader_is_lazy(variant):
 def test_inspect_released_width_is_lazy(tmp_path):
     """inspect on the real 14B width (2 layers) never reads weights: peak RSS of the process stays under 1 GB.
     The checkpoint's data is a sparse hole, so reading it would still cost resident pages."""
-    from emo_edge.names import expected_tensors
-    from emo_edge.synth import PRESETS, build_config
-    from emo_edge.writer import write_checkpoint
+    from emo_edge.model.names import expected_tensors
+    from emo_edge.model.synth import PRESETS, build_config
+    from emo_edge.model.writer import write_checkpoint
 
     config = build_config(PRESETS["emo-14b"], layers=2)
     shapes = {k.hf_name: s for k, s in expected_tensors(spec_from_config(config)).items()}

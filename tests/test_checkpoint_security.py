@@ -20,11 +20,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_variant, run_cli
-from emo_edge.checkpoint import CheckpointView
+from emo_edge.model.checkpoint import CheckpointView
 from emo_edge.cli import cli
 from emo_edge.errors import ConfigError, EmoEdgeError, PoolError
 from emo_edge.pools.calib import MAX_DOCUMENT_CHARS, MAX_FILE_BYTES, read_documents
-from emo_edge.spec import MAX_CONTEXT, check_context, spec_from_config
+from emo_edge.model.spec import MAX_CONTEXT, check_context, spec_from_config
 
 
 def cli_error(*args: str) -> str:
@@ -263,8 +263,8 @@ def test_index_schema(ckpt_root, tmp_path):
 
 
 def test_context_bounded():
-    from emo_edge.plan import make_plan
-    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.plan.search import make_plan
+    from emo_edge.model.synth import PRESETS, build_config
 
     spec = spec_from_config(build_config(PRESETS["tiny"]))
     assert check_context(spec, MAX_CONTEXT) == MAX_CONTEXT
@@ -344,7 +344,7 @@ def test_hub_cache_sharded_checkpoint_is_the_default(ckpt_root, tmp_path, monkey
 
 
 def test_hub_cache_snapshot_follows_refs_main(ckpt_root, tmp_path, monkeypatch):
-    from emo_edge.models import hf_cache_snapshot
+    from emo_edge.model.locate import hf_cache_snapshot
 
     snap = hub_layout(make_variant(ckpt_root, "topk"), tmp_path / "hub")
     newer = snap.parent / ("f" * 40)

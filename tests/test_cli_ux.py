@@ -101,7 +101,7 @@ def discovered_export(tmp_path_factory, variant):
 
 
 def test_export_discovery_prints_documents_tokens_and_progress(discovered_export):
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.pools.catalog import BUILTIN_CALIB
     from tokenizers import Tokenizer
 
@@ -184,9 +184,9 @@ def test_verify_sample_scales_with_model_size_keeping_the_thresholds_sample():
 def test_batched_reference_logits_equal_per_sequence_forward(variant):
     import torch
 
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.export.verify import reference_logits
-    from emo_edge.reference import Reference
+    from emo_edge.model.reference import Reference
 
     for name in ("shared1", "per_layer_dense", "always_active"):
         view = CheckpointView(variant(name))
@@ -219,7 +219,7 @@ def test_pools_discover_defaults_to_embedded_model(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "using the embedded default emo-tiny" in res.stderr
     entry = json.loads((tmp_path / "cat" / "tiny.json").read_text())
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     assert entry["checkpoint"]["identity"] == CheckpointView(TINY).identity
 
 
@@ -239,7 +239,7 @@ def test_logits_pool_name_equals_pool_file(tmp_path):
         res = in_process("logits", "--model", TINY, "--ids", "5,17,99,3", *extra, "--out", str(out))
         assert res.exit_code == 0, res.output
     a, b, c = np.load(by_name), np.load(by_file), np.load(full)
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
 
     assert a.shape == (4, CheckpointView(TINY).spec.vocab_size)
     np.testing.assert_array_equal(a, b)
@@ -300,10 +300,10 @@ def test_pools_show_explains_its_columns():
 
 
 def test_plan_labels_block_note_and_report_note_once():
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.export.bundle_writer import report_md
     from emo_edge.export.pipeline import plan_summary
-    from emo_edge.plan import format_plan, make_plan
+    from emo_edge.plan.search import format_plan, make_plan
 
     spec = CheckpointView(TINY).spec  # hidden 128, intermediate 80: block 16 instead of 32 when quantized
     fp32 = make_plan(spec, None, None, 256, "cpu", "fp32")

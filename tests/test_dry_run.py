@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT
 
-from emo_edge.checkpoint import CheckpointView
-from emo_edge.plan import ExportPlan, make_plan
+from emo_edge.model.checkpoint import CheckpointView
+from emo_edge.plan.search import ExportPlan, make_plan
 
 EMBEDDED = str(ROOT / "emo_edge" / "models" / "emo-tiny")
 HEAVY = re.compile(r"\|\s+(torch|onnx|onnxruntime|safetensors)(\.|\s*$)", re.M)  # -X importtime lines
@@ -95,8 +95,8 @@ def test_pool_sizes_torch_free_and_exact(variant):
     from decimal import ROUND_HALF_UP, Decimal
 
     from emo_edge.pools import discover, pool_sizes
-    from emo_edge.spec import spec_from_config
-    from emo_edge.synth import PRESETS, build_config
+    from emo_edge.model.spec import spec_from_config
+    from emo_edge.model.synth import PRESETS, build_config
 
     assert discover.pool_sizes is pool_sizes
     r = subprocess.run([sys.executable, "-c", "import sys, emo_edge.export.planning; print('torch' in sys.modules)"],
@@ -175,10 +175,10 @@ def test_dry_run_at_the_14b_width_is_fast_and_reads_no_weight(tmp_path, dirs):
     """16 layers at the released width, header-only (sparse: 27 GB of holes), two 32-expert pool files whose
     union is 52 per layer: the plan in seconds, under 300 MB peak RSS (reading one expert matrix or the
     embedding would page in more), without torch or onnx."""
-    from emo_edge.names import expected_tensors
-    from emo_edge.spec import spec_from_config
-    from emo_edge.synth import PRESETS, build_config
-    from emo_edge.writer import write_checkpoint
+    from emo_edge.model.names import expected_tensors
+    from emo_edge.model.spec import spec_from_config
+    from emo_edge.model.synth import PRESETS, build_config
+    from emo_edge.model.writer import write_checkpoint
 
     cwd, outs, home = dirs
     config = build_config(PRESETS["emo-14b"])
@@ -235,10 +235,10 @@ def test_known_pool_plus_pending_domain(tmp_path, monkeypatch, variant):
 def test_optimize_option_chooses_among_fitting_plans(tmp_path, dirs):
     """`--optimize` reaches the planner (the dry-run JSON is make_plan's plan for it); a bad value is one line,
     exit 2, nothing written."""
-    from emo_edge.names import expected_tensors
-    from emo_edge.spec import spec_from_config
-    from emo_edge.synth import PRESETS, build_config
-    from emo_edge.writer import write_checkpoint
+    from emo_edge.model.names import expected_tensors
+    from emo_edge.model.spec import spec_from_config
+    from emo_edge.model.synth import PRESETS, build_config
+    from emo_edge.model.writer import write_checkpoint
 
     cwd, outs, home = dirs
     config = build_config(PRESETS["emo-14b"], layers=2, num_experts=33)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from emo_edge.checkpoint import CheckpointView
-from emo_edge.models import EMBEDDED
+from emo_edge.model.checkpoint import CheckpointView
+from emo_edge.model.locate import EMBEDDED
 from emo_edge.pools.calib import read_documents
 from emo_edge.pools.catalog import builtin_calib, discover_pool
 from emo_edge.pools.discover import discover, doc_nll, pool_sizes
-from emo_edge.reference import Reference
-from emo_edge.tokenizer import load_tokenizer
+from emo_edge.model.reference import Reference
+from emo_edge.model.tokenizer import load_tokenizer
 
 MODELS = EMBEDDED.parent
 DATA = Path(__file__).resolve().parents[1] / "emo_edge" / "data"

@@ -158,10 +158,10 @@ def test_engine_and_reference_give_the_same_completions(tmp_path):
     out = tmp_path / "b"
     r = run_cli("export", "--pools", "all", "--precision", "fp32", "--out", str(out), "--no-verify")
     assert r.returncode == 0, r.stderr
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.engine import open_engine
     from emo_edge.evaluate.scorers import EngineScorer, ReferenceScorer
-    from emo_edge.models import EMBEDDED
+    from emo_edge.model.locate import EMBEDDED
 
     items = [i for f in TASK_FAMILIES for i in task_items(f)[:6]]
     prompts, rules = [i.prompt for i in items], [i.extract for i in items]
@@ -187,11 +187,11 @@ def test_choice_scores_equal_an_independent_torch_computation():
     prompt + choice (computed here without the scorer's helpers), on built-in chat items."""
     import torch
 
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.evaluate.scorers import ReferenceScorer
-    from emo_edge.models import EMBEDDED
-    from emo_edge.reference import Reference
-    from emo_edge.tokenizer import load_tokenizer
+    from emo_edge.model.locate import EMBEDDED
+    from emo_edge.model.reference import Reference
+    from emo_edge.model.tokenizer import load_tokenizer
 
     items = task_items("chat")[:3]
     view = CheckpointView(EMBEDDED)

@@ -19,7 +19,7 @@ FP32_VARIANTS = [v for v in VARIANTS if v != "rope_dynamic"]
 
 def _pool(ckpt, tmp_path):
     """Keep a strict subset of each MoE layer's routed experts (routed_k + 2 of them): a real pool restriction."""
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     spec = CheckpointView(ckpt).spec
     layers = [None if l.num_experts == 0 else list(l.routed_experts)[::-1][: l.routed_k + 2][::-1]
               for l in spec.layers]
@@ -36,11 +36,11 @@ def _export(ckpt, pool, out, precision="fp32", verify=True):
 @pytest.mark.parametrize("name", FP32_VARIANTS)
 def test_fp32_bundle_matches_reference(variant, tmp_path, name):
     from emo_edge.engine import StaticEngine
-    from emo_edge.bundle_logits import bundle_logits
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.commands.logits import bundle_logits
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.commands.logits import checkpoint_logits
-    from emo_edge.poolfile import read_pool_file
-    from emo_edge.reference import Reference
+    from emo_edge.pools.file import read_pool_file
+    from emo_edge.model.reference import Reference
 
     ckpt = variant(name)
     pool = _pool(ckpt, tmp_path)
@@ -85,10 +85,10 @@ def test_quantized_bundle_runs_and_reports_parity(variant, tmp_path, precision, 
     onnx_text = (out / "model.onnx").read_bytes()
     assert b"QMoE" in onnx_text and b"MatMulNBits" in onnx_text
     # parity stats against the fp32 reference
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     view = CheckpointView(ckpt)
     layers, _, _ = planning.resolve_pool_layers(view, "all", view.spec)
-    from emo_edge.plan import make_plan
+    from emo_edge.plan.search import make_plan
     from targets import get_target
     plan = make_plan(view.spec, layers, None, CTX, "cpu", precision)
     res = _verify(view, layers, plan, out, get_target("cpu"), False, 2)
@@ -126,7 +126,7 @@ def test_cli_run_and_logits(cli_bundle, tmp_path):
 
 def test_device_side_does_not_import_torch(cli_bundle):
     _, out = cli_bundle
-    code = ("import sys; from emo_edge.bundle_logits import bundle_logits; import emo_edge.commands.run;"
+    code = ("import sys; from emo_edge.commands.logits import bundle_logits; import emo_edge.commands.run;"
             f"bundle_logits({str(out)!r}, [1, 2, 3], None, None); assert 'torch' not in sys.modules, 'torch'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
@@ -308,12 +308,12 @@ def test_int8_kv_cache_calibrated_scales(variant, tmp_path):
     import onnx
     import torch
 
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.export import kv_scales
     from emo_edge.export.pipeline import export
     from emo_edge.pools.calib import load_calibration
-    from emo_edge.reference import Reference
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.reference import Reference
+    from emo_edge.model.tokenizer import TextTokenizer
     from targets import get_target
 
     ckpt = variant("shared1")
@@ -373,7 +373,7 @@ def test_speed_export_folds_shared_expert(variant, tmp_path):
     exported with the shared expert apart (the same quantized weights, a different kernel) to float rounding."""
     import onnx
 
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.export.pipeline import FOLD_NOTE, export
 
     ckpt = variant("shared1")

@@ -23,7 +23,7 @@ from emo_edge.engine.sampler import run_generation
 from emo_edge.data import task_items, heldout_texts
 from emo_edge.errors import BundleError
 from emo_edge.engine.swappable import SwappableEngine
-from emo_edge.tokenizer import EOS, TextStream, TextTokenizer
+from emo_edge.model.tokenizer import EOS, TextStream, TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = 128

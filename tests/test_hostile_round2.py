@@ -64,7 +64,7 @@ def test_fifo_pool_file_and_catalog_entry_refused(world, tmp_path):  # noqa: F81
     err = _refuses_quickly("logits", str(world["dir"] / "ckpt"), "--ids", "1,2", "--pool", str(pool), "--out",
                            str(tmp_path / "x.npy"))
     assert "p.json" in err and "FIFO" in err
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.pools.catalog import Catalog
 
     cat = tmp_path / "cat"
@@ -124,8 +124,8 @@ def test_tokenizer_backtracking_regex_refused(world, tmp_path):  # noqa: F811
 
 def test_tokenizer_panic_is_one_error(tmp_path):
     from emo_edge.errors import EmoEdgeError
-    from emo_edge.models import EMBEDDED
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.locate import EMBEDDED
+    from emo_edge.model.tokenizer import TextTokenizer
 
     class PanicLike(BaseException):  # what pyo3 raises for a Rust panic: not an Exception
         pass
@@ -197,7 +197,7 @@ def test_synth_force_spares_a_checkpoint_emo_edge_did_not_write(tmp_path):
 
 
 def test_pool_name_with_a_newline_is_one_line(tmp_path):
-    from emo_edge.models import EMBEDDED
+    from emo_edge.model.locate import EMBEDDED
 
     line = cli_refuses("pools", "discover", str(EMBEDDED), "--name", "a\nb", "--calib",
                        os.path.join(ROOT, "emo_edge", "data", "calib", "math.jsonl"), "--catalog", str(tmp_path))
@@ -207,7 +207,7 @@ def test_pool_name_with_a_newline_is_one_line(tmp_path):
 def test_discover_on_a_full_disk_leaves_no_catalog_directory(tmp_path):
     from test_data_safety import one_error_line, run_on_small_disk
 
-    from emo_edge.models import EMBEDDED
+    from emo_edge.model.locate import EMBEDDED
 
     proc, left, reason = run_on_small_disk(
         tmp_path, 4, "pools", "discover", str(EMBEDDED), "--name", "t", "--fraction", "0.25", "--calib",

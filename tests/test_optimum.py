@@ -36,7 +36,7 @@ def bundles(tmp_path_factory):
 
 # ---- 18: config.json and the tokenizer ---------------------------------------------------------------------
 def test_config_json_and_tokenizer_files_are_in_the_manifest(bundles):
-    from emo_edge.bundle import sha256_file
+    from emo_edge.bundle.files import sha256_file
     for b in bundles.values():
         m = json.loads((b / "manifest.json").read_text())
         assert m["files"]["config.json"]["sha256"] == sha256_file(b / "config.json")
@@ -51,7 +51,7 @@ def test_autoconfig_reads_what_the_graph_has(variant, tmp_path, name):
     transformers = pytest.importorskip("transformers")
     import onnx
 
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     ckpt = variant(name)
     spec = CheckpointView(ckpt).spec
     b = _static(tmp_path / "b", "fp32", ckpt)
@@ -74,7 +74,7 @@ def test_autoconfig_reads_what_the_graph_has(variant, tmp_path, name):
 
 def test_transformers_tokenizer_matches_ours_without_token_type_ids(bundles):
     transformers = pytest.importorskip("transformers")
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.tokenizer import TextTokenizer
     b = bundles["fp32"]
     tok = transformers.AutoTokenizer.from_pretrained(str(b))
     ours = TextTokenizer(b / "tokenizer.json")
@@ -144,7 +144,7 @@ def test_swappable_has_no_genai_config_and_reports_its_path(variant, tmp_path):
     ckpt = variant("shared1")
     pools = []
     for name, take in (("p_low", slice(0, 4)), ("p_high", slice(3, 7))):
-        from emo_edge.checkpoint import CheckpointView
+        from emo_edge.model.checkpoint import CheckpointView
         spec = CheckpointView(ckpt).spec
         p = tmp_path / f"{name}.json"
         p.write_text(json.dumps({"layers": [None if l.num_experts == 0 else list(l.routed_experts)[take]

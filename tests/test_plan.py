@@ -8,9 +8,9 @@ import math
 import pytest
 
 from emo_edge.errors import BudgetError, EmoEdgeError
-from emo_edge.plan import COMPONENTS, ExportPlan, candidates, format_plan, make_plan, matrix_bytes
-from emo_edge.spec import spec_from_config
-from emo_edge.synth import PRESETS, build_config
+from emo_edge.plan.search import COMPONENTS, ExportPlan, candidates, format_plan, make_plan, matrix_bytes
+from emo_edge.model.spec import spec_from_config
+from emo_edge.model.synth import PRESETS, build_config
 from targets import get_target
 
 CPU = get_target("cpu")
@@ -113,8 +113,8 @@ SMALLEST = {**dict.fromkeys(COMPONENTS, "int4"), "kv_cache": "int8"}
 def _item_total(spec, pool, item, context=4096, fallback=False, which=-1):
     """Total bytes of one search item (four precisions + "kv_cache") with the full pool, at the target's layouts
     or (`fallback`) its fallback layouts `which` (default the last: the coarsest, where the planner trims)."""
-    from emo_edge.plan import _totals
-    from emo_edge.plan_bytes import effective_layouts
+    from emo_edge.plan.search import _totals
+    from emo_edge.plan.sizing import effective_layouts
     implicit = [list(layer.implicit_experts) for layer in spec.layers]
     lay = effective_layouts(spec, CPU, CPU.fallback_layouts[which] if fallback else None)
     return _totals(spec, pool, implicit, item, context, CPU, lay)["total"]
@@ -141,7 +141,7 @@ def test_fallback_layout_keeps_every_expert_before_trimming():
 
 def test_search_order_adds_the_kv_cache_dtype():
     """Each assignment is tried with its KV dtypes, the target's preferred one first; all-fp32 only with fp32."""
-    from emo_edge.plan import search_order
+    from emo_edge.plan.search import search_order
     spec = emo14b()
     order = search_order(spec, CPU)
     assert order[0] == {**dict.fromkeys(COMPONENTS, "fp32"), "kv_cache": "float32"}
@@ -154,7 +154,7 @@ def test_search_order_adds_the_kv_cache_dtype():
 
 
 def test_auto_quality_picks_first_fitting_plan():
-    from emo_edge.plan import search_order
+    from emo_edge.plan.search import search_order
     spec = emo14b()
     pool = pool32(spec)
     assert make_plan(spec, pool, None, 4096, optimize="quality").precision["experts"] == "fp32"
@@ -310,7 +310,7 @@ def test_fp16_expert_scales_shrink_the_file_not_the_resident_bytes():
 
 
 def _decode_seconds(spec, plan, target):
-    """Independent arithmetic of the speed model (emo_edge/plan_bytes.py docstring) for a plan of this module's
+    """Independent arithmetic of the speed model (emo_edge/plan/sizing.py docstring) for a plan of this module's
     emo14b shapes (one shared expert, top-8)."""
     H, I, V, L = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.num_layers
     bits = {"int8": 8, "int4": 4}
@@ -345,8 +345,8 @@ def test_speed_estimate_matches_independent_arithmetic(precision):
 
 
 def _item_speed(spec, pool, item, context=4096, layout=None):
-    from emo_edge.plan import _estimate, _totals
-    from emo_edge.plan_bytes import effective_layouts
+    from emo_edge.plan.search import _estimate, _totals
+    from emo_edge.plan.sizing import effective_layouts
     implicit = [list(layer.implicit_experts) for layer in spec.layers]
     lay = effective_layouts(spec, CPU, layout)
     return _estimate(spec, pool, implicit, item, context, CPU, lay,
@@ -357,7 +357,7 @@ def test_auto_balanced_quality_speed():
     """Among the search items that fit (same experts): speed = the fastest estimate, quality = the most accurate,
     balanced = the most accurate at >= balanced_fraction of the fastest; every more accurate fitting item is
     estimated slower than that, and the plan says why."""
-    from emo_edge.plan import search_order
+    from emo_edge.plan.search import search_order
     spec = emo14b(layers=2)
     pool = pool32(spec)
     budget = 4_000_000_000

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import run_cli
-from emo_edge.checkpoint import CheckpointView
+from emo_edge.model.checkpoint import CheckpointView
 from emo_edge.pools import Catalog, compose, discover_pool, pool_sizes, resolve_pools
 from emo_edge.pools.discover import doc_nll
-from emo_edge.reference import Reference, perplexity
-from emo_edge.synth import PRESETS, digits_doc, letters_doc, synthesize, with_layers
-from emo_edge.tokenizer import load_tokenizer
+from emo_edge.model.reference import Reference, perplexity
+from emo_edge.model.synth import PRESETS, digits_doc, letters_doc, synthesize, with_layers
+from emo_edge.model.tokenizer import load_tokenizer
 
 def invoke(*args: str):
     """The CLI in-process (fast); returns an object with returncode, stdout, stderr like run_cli."""

@@ -15,7 +15,7 @@ import pytest
 
 from emo_edge.engine import Sampling, open_engine
 from emo_edge.engine.prefix import MIN_REUSE, PrefixCache, common_prefix
-from emo_edge.tokenizer import CHAT
+from emo_edge.model.tokenizer import CHAT
 
 ROOT = Path(__file__).resolve().parents[1]
 

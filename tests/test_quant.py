@@ -20,7 +20,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from emo_edge import ort_ops  # noqa: E402
+from exporters import ort_ops  # noqa: E402
 from emo_edge.quant import (  # noqa: E402
     QuantScheme,
     dequantize,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import VARIANTS
-from emo_edge.checkpoint import CheckpointView
-from emo_edge.reference import Reference
+from emo_edge.model.checkpoint import CheckpointView
+from emo_edge.model.reference import Reference
 from oracle import oracle_logits
 
 IDS = [5, 17, 99, 3, 250, 42, 7]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emo_edge.ort_session import _clean_mappings, cpu_session, release_external_data
+from emo_edge.engine.ort_session import _clean_mappings, cpu_session, release_external_data
 from emo_edge.quant import QuantScheme, dequantize, quantize_blockwise
 
 N = K = 2048
@@ -23,7 +23,7 @@ def graph(tmp_path_factory) -> tuple[Path, np.ndarray]:
     import onnx
     from onnx import TensorProto, helper
 
-    from emo_edge import ort_ops
+    from exporters import ort_ops
 
     rng = np.random.default_rng(0)
     qt = quantize_blockwise(rng.standard_normal((N, K)).astype(np.float32), QuantScheme(bits=4, block_size=32))

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emo_edge.bundle_logits import bundle_logits
+from emo_edge.commands.logits import bundle_logits
 from emo_edge.engine import StaticEngine
 from emo_edge.errors import BudgetError, BundleError, PoolError
 from emo_edge.export.pipeline import export
 from emo_edge.engine.swappable import SwappableEngine, mapped
-from emo_edge.synth import PRESETS, digits_doc, letters_doc, synthesize
+from emo_edge.model.synth import PRESETS, digits_doc, letters_doc, synthesize
 from exporters.swappable import export_swappable
 
 ROOT = Path(__file__).resolve().parents[1]

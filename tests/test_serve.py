@@ -23,7 +23,7 @@ import pytest
 from emo_edge.errors import PoolError
 from emo_edge.engine import Completion, Sampling, SwapStats
 from emo_edge.serve.scheduler import Job, Scheduler, pick
-from emo_edge.tokenizer import TextTokenizer
+from emo_edge.model.tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "emo_edge" / "models" / "emo-tiny" / "tokenizer.json"
@@ -420,7 +420,7 @@ def test_completion_equals_an_independent_greedy_loop_on_the_pool_asked(served, 
 
 
 def test_chat_streams_the_same_answer_with_usage_and_the_pool(served, client, reference):
-    from emo_edge.tokenizer import CHAT
+    from emo_edge.model.tokenizer import CHAT
 
     name, msg = served[0].bundle.name, "Solve for x: 3x + 5 = 20."
     ids = reference.tokenizer.encode(CHAT.render([(msg, None)]))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from emo_edge.checkpoint import CheckpointView
+from emo_edge.model.checkpoint import CheckpointView
 from emo_edge.data import CALIB_DOMAINS, HELDOUT_DOMAINS, calib_texts, heldout_texts
-from emo_edge.spec import load_spec
+from emo_edge.model.spec import load_spec
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ class Conversation:
     """The turns so far, rendered with the chat format and fitted into `limit` tokens with room for the answer."""
 
     def __init__(self, tokenizer, limit: int, max_new_tokens: int):
-        from ..tokenizer import CHAT
+        from ..model.tokenizer import CHAT
 
         self.fmt, self.tok, self.limit, self.max_new = CHAT, tokenizer, limit, max_new_tokens
         self.turns: list[tuple[str, str]] = []
@@ -75,7 +75,7 @@ class Conversation:
 def _answer(rt, conv: Conversation, message: str, state: dict, opts: dict) -> None:
     """One turn: fit the conversation, generate under the pool (auto/doc: chosen from this message alone),
     stream the answer; Ctrl-C meanwhile cancels it."""
-    from ..tokenizer import TextStream
+    from ..model.tokenizer import TextStream
     from .run import end_text
 
     ids, dropped = conv.prompt(message)

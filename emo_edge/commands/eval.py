@@ -129,8 +129,8 @@ def register(cli: click.Group) -> None:
                  text_files, max_docs, max_tokens, sweep, calib, method, plot, force, catalog):
         """Accuracy in points on task sets (--tasks), or perplexity of the full vs the pool-restricted model on
         held-out text, and their ratio."""
-        from ..checkpoint import CheckpointView
-        from ..models import resolve_model
+        from ..model.checkpoint import CheckpointView
+        from ..model.locate import resolve_model
         from ..pools import BUILTIN_DOMAINS
 
         if tasks:
@@ -174,8 +174,8 @@ def register(cli: click.Group) -> None:
         from ..pools import compose, resolve_pools
         from ..pools.calib import load_calibration
         from ..pools.discover import doc_nll
-        from ..reference import Reference
-        from ..tokenizer import load_tokenizer
+        from ..model.reference import Reference
+        from ..model.tokenizer import load_tokenizer
         from .pools import _progress
 
         held = load_calibration(files, load_tokenizer(view.root), max_tokens=max_tokens, max_docs=max_docs)

@@ -60,7 +60,7 @@ def _budgets(text: str | None) -> list[tuple[str, int]]:
 def run_tasks(model, tasks, extract, budgets, precision, twin, limit, max_new_tokens, as_json, pool, sweep,
               method, plot, force, catalog) -> None:
     from ..fsutil import is_bundle
-    from ..models import resolve_model
+    from ..model.locate import resolve_model
     from .eval import _fractions, check_plot
 
     sets = load_task_sets(tasks, extract, limit)
@@ -105,7 +105,7 @@ def run_tasks(model, tasks, extract, budgets, precision, twin, limit, max_new_to
 
 
 def _checkpoint_rows(suite, path: Path, pool, fractions, budgets, precision) -> list:
-    from ..checkpoint import CheckpointView
+    from ..model.checkpoint import CheckpointView
 
     view = CheckpointView(path)
     try:

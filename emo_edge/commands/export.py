@@ -19,11 +19,11 @@ from ..errors import BudgetError, EmoEdgeError, PoolError
 from .options import BUDGET_HELP, check_pool_names, model_option, parse_budget
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-OPTIMIZE = ("balanced", "quality", "speed")  # emo_edge/plan.py OPTIMIZE (not imported: the CLI loads light)
+OPTIMIZE = ("balanced", "quality", "speed")  # emo_edge/plan/search.py OPTIMIZE (not imported: the CLI loads light)
 
 
 def check_precision(precision: str, target) -> None:
-    from ..plan import _parse_precision
+    from ..plan.search import _parse_precision
 
     for component, p in _parse_precision(precision).items():
         if p not in target.precisions_for(component):
@@ -35,10 +35,10 @@ def preflight(model, pools, budget, context, target, precision, out, force, swap
     """All argument checks of `export`, before any heavy import or pool discovery. Returns the model path."""
     from targets import get_target
 
-    from ..checkpoint import CheckpointView
+    from ..model.checkpoint import CheckpointView
     from ..fsutil import check_target
-    from ..models import resolve_model
-    from ..spec import check_context
+    from ..model.locate import resolve_model
+    from ..model.spec import check_context
 
     budget_bytes = parse_budget(budget)
     if swappable and budget_bytes is not None:
@@ -178,7 +178,7 @@ def pending_lines(pending) -> list[str]:
 
 
 def dry_run_lines(planned, dest: Path, swappable: bool) -> list[str]:
-    from ..plan import format_plan
+    from ..plan.search import format_plan
 
     plan = planned.plan
     lines = ["dry run: no pool discovered, no weight read, nothing written"] + pending_lines(planned.pending)

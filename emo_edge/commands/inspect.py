@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..checkpoint import CheckpointView
-from ..models import resolve_model
+from ..model.checkpoint import CheckpointView
+from ..model.locate import resolve_model
 from ..units import fmt_bytes, fmt_count
 from .options import model_option
 
@@ -50,7 +50,7 @@ def inspect_lines(view: CheckpointView) -> list[str]:
 
 def bundle_lines(path) -> list[str]:
     """What a bundle is, from its validated manifest: kind, source, pools, precision, context, bytes."""
-    from ..bundle_schema import read_manifest
+    from ..bundle.schema import read_manifest
 
     m = read_manifest(path)
     files = m.get("files", {})

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import BundleError, EmoEdgeError
+from ..errors import BundleError, EmoEdgeError, PoolError
 from ..fsutil import atomic_write
 from ..progress import note
 from ..units import parse_int_list
@@ -20,11 +20,33 @@ def parse_ids(text: str) -> list[int]:
     return parse_int_list(text, "--ids")
 
 
+def bundle_logits(path: Path, ids: list[int], pool: str | None, text: str | None) -> np.ndarray:
+    """Logits (S, V) of `ids` (or `text`) from a bundle. Static: `pool` is a pool file that must name the
+    bundle's experts. Swappable: a catalog name or pool file, made resident first (equal to the static bundle
+    of that pool)."""
+    from ..bundle.files import pool_matches
+    from ..engine import open_engine
+
+    with open_engine(path) as eng:
+        if eng.kind == "swappable":
+            if pool is None:
+                raise PoolError(f"{path} is a swappable bundle: give --pool (one of {', '.join(eng.pools)}, or a "
+                                f"pool JSON file)")
+        elif pool:
+            pool_matches(eng.manifest, pool)
+            pool = None
+        if text is not None:
+            ids = eng.encode(text)
+        if not ids:
+            raise BundleError("no tokens to run")
+        return eng.logits(ids, pool=pool)
+
+
 def checkpoint_logits(path: Path, ids: list[int], pool: str | None, text: str | None) -> np.ndarray:
-    from ..checkpoint import CheckpointView
+    from ..model.checkpoint import CheckpointView
     from ..pools import compose, resolve_pools
-    from ..reference import Reference
-    from ..tokenizer import load_tokenizer
+    from ..model.reference import Reference
+    from ..model.tokenizer import load_tokenizer
 
     view = CheckpointView(path)
     layers = compose(resolve_pools(view, [pool], log=note)) if pool else None
@@ -75,7 +97,7 @@ def register(cli: click.Group) -> None:
     def logits_cmd(model, ids, text, pool, out, force):
         """Write the logits of a checkpoint (reference model) or of an exported bundle (MODEL or --model: a
         checkpoint or bundle directory)."""
-        from ..models import resolve_model
+        from ..model.locate import resolve_model
 
         if (ids is None) == (text is None):
             raise EmoEdgeError("give exactly one of --ids or --text")
@@ -86,7 +108,6 @@ def register(cli: click.Group) -> None:
             raise EmoEdgeError(f"--out {out}: already exists (use --force to replace it)")
         path = resolve_model(model)
         if os.path.lexists(path / "manifest.json"):  # a bundle (its loader says what is wrong with the manifest)
-            from ..bundle_logits import bundle_logits  # device side: no torch
             from ..engine import is_swappable
 
             if pool and not is_swappable(path):

@@ -1,7 +1,7 @@
 """Options shared by the commands, so that each means one thing everywhere.
 
 - `model_option`: `--model CKPT` on every command that reads a checkpoint, with the old positional MODEL kept as
-  an alias; the decorated function receives `model` (None: `emo_edge.models.resolve_model` picks the default).
+  an alias; the decorated function receives `model` (None: `emo_edge.model.locate.resolve_model` picks the default).
 - number types that refuse NaN/inf and out-of-range values as a usage error naming the option and the value
   (the CLI prints usage errors as one line `error: ...`, exit status 2): `TEMPERATURE`, `TOP_P`, `SEED`,
   `THREADS`, `NEW_TOKENS`, `POSITIVE`, `NON_NEGATIVE`.

@@ -22,8 +22,8 @@ def _note(text: str) -> None:
 
 
 def _view(model):
-    from ..checkpoint import CheckpointView
-    from ..models import resolve_model
+    from ..model.checkpoint import CheckpointView
+    from ..model.locate import resolve_model
 
     return CheckpointView(resolve_model(model))
 

@@ -22,7 +22,7 @@ def register(cli: click.Group) -> None:
     def run_cmd(bundle, prompt, max_new_tokens, temperature, top_p, seed, threads):
         """Generate text from an exported bundle."""
         from ..engine import Sampling, check_prompt, open_engine
-        from ..tokenizer import TextStream
+        from ..model.tokenizer import TextStream
 
         with open_engine(bundle, threads=threads) as eng:
             if eng.kind != "static":

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import EmoEdgeError
-from ..synth import PRESETS, synthesize, with_layers
+from ..model.synth import PRESETS, synthesize, with_layers
 from ..units import parse_int_list, parse_size
 from ..progress import wrap
 from .options import NON_NEGATIVE, POSITIVE, FiniteFloatRange

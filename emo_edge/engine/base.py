@@ -70,11 +70,11 @@ class Engine:
     @property
     def tokenizer(self):
         if getattr(self, "_tok", None) is None:
-            from ..tokenizer import TextTokenizer
+            from ..model.tokenizer import TextTokenizer
 
             path = self.root / "tokenizer.json"
             if self.manifest:
-                from ..bundle_schema import bundle_file
+                from ..bundle.schema import bundle_file
                 path = bundle_file(self.root, self.manifest, "tokenizer.json", f"{self.root / MANIFEST}: the tokenizer")
             self._tok = TextTokenizer(path)
         return self._tok

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from ..errors import BundleError, PoolError
-from ..ort_session import cpu_session, session_options
+from .ort_session import cpu_session, session_options
 from .base import MANIFEST, Engine, nothing_swapped
 from .memory import peak_rss, rss
 from .session import LOGITS_TO_KEEP, BoundGraph, KVCache, kv_dtype, shares_kv
@@ -20,8 +20,8 @@ class StaticEngine(Engine):
 
     def __init__(self, root: str | Path, threads: int | None = None, verify_files: bool = True,
                  max_tokens: int | None = None):
-        from ..bundle import check_files, read_manifest
-        from ..bundle_schema import bundle_file, check_graph_files, read_model_dims
+        from ..bundle.files import check_files, read_manifest
+        from ..bundle.schema import bundle_file, check_graph_files, read_model_dims
 
         self.root = Path(root)
         if verify_files:
@@ -69,7 +69,7 @@ class StaticEngine(Engine):
 
     def _check_inputs(self, genai: Path) -> None:
         """The graph's inputs are exactly what genai_config.json's dims feed it (layers, KV heads, head size)."""
-        from ..bundle_schema import check_decoder_inputs
+        from ..bundle.schema import check_decoder_inputs
 
         got = {i.name: i.shape for i in self.session_.get_inputs()}
         check_decoder_inputs(f"{genai}: field 'model.decoder", got, self.config)

@@ -50,8 +50,8 @@ class ReferenceScorer:
     Greedy completions run in batches of prompts of equal token length (exact: same positions, no padding)."""
 
     def __init__(self, view, pool=None, batch: int = 32):
-        from ..reference import Reference
-        from ..tokenizer import load_tokenizer
+        from ..model.reference import Reference
+        from ..model.tokenizer import load_tokenizer
 
         self.ref = Reference(view, pool)
         self.tok = load_tokenizer(view.root)

@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 from .. import __version__
-from ..bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from ..bundle.files import MANIFEST, SCHEMA_VERSION, sha256_file
 from ..errors import BundleError
 from ..schema import load_json
-from ..spec import EmoSpec
-from ..tokenizer import MODEL_INPUT_NAMES, tokenizer_config
+from ..model.spec import EmoSpec
+from ..model.tokenizer import MODEL_INPUT_NAMES, tokenizer_config
 from ..units import fmt_bytes
 
 log = logging.getLogger(__name__)

@@ -42,8 +42,8 @@ def calibrate(view, experts, progress=None) -> KVScales:
 
     from ..pools.calib import load_calibration
     from ..pools.discover import advance, start_states
-    from ..reference import Reference, rms_norm
-    from ..tokenizer import TextTokenizer
+    from ..model.reference import Reference, rms_norm
+    from ..model.tokenizer import TextTokenizer
 
     spec = view.spec
     big = spec.vocab_size * spec.hidden_size * spec.num_layers > 2e9 or spec.intermediate_size >= 512

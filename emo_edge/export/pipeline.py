@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from .. import progress as progress_out
-from ..checkpoint import CheckpointView
+from ..model.checkpoint import CheckpointView
 from ..errors import BundleError, EmoEdgeError
-from ..names import TensorKey
+from ..model.names import TensorKey
 from ..fsutil import atomic_dir, check_target, os_reason
 from ..units import parse_size
-from ..plan import ExportPlan, format_plan, make_plan
+from ..plan.search import ExportPlan, format_plan, make_plan
 from . import bundle_writer, planning
 
 # Heavy imports (onnx, torch) happen inside the stages that need them (build, verify, pool discovery), so that
@@ -50,7 +50,7 @@ def rss_peak() -> int:
 
 def rope_caches(spec, context: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [context, head_dim/2] for GroupQueryAttention (attention scaling folded in)."""
-    from .. import rope
+    from ..model import rope
     if spec.rope_type == "dynamic":
         original = spec.max_position_embeddings or spec.rope_scaling.get("original_max_position_embeddings")
         if context > original:
@@ -187,7 +187,7 @@ def export(model: Path, pools: str, budget: str | None, context: int | None, tar
            out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int | None = None,
            optimize: str = "balanced", fold_shared: bool | None = None) -> dict:
     """`n_verify`: held-out sequences to verify on (None: by model size, see export/verify.py verify_sample);
-    `optimize`: how `auto` chooses among fitting plans (balanced | quality | speed, see emo_edge/plan.py);
+    `optimize`: how `auto` chooses among fitting plans (balanced | quality | speed, see emo_edge/plan/search.py);
     `fold_shared`: see `build`; None: the plan says (optimize speed, see `folds_shared`). The swappable
     exporter passes False: its pool shards hold routed experts only."""
     t0 = time.perf_counter()
@@ -270,8 +270,8 @@ def plan_summary(plan: ExportPlan) -> dict:
 
 
 def _verify(view, layers, plan, tmp, tgt, progress, n_verify) -> dict:
-    from ..reference import Reference
-    from ..tokenizer import TextTokenizer
+    from ..model.reference import Reference
+    from ..model.tokenizer import TextTokenizer
     spec = view.spec
     big = spec.vocab_size * spec.hidden_size * spec.num_layers > 2e9 or spec.intermediate_size >= 512
     ref = Reference(view, pool=layers, streaming=big)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..errors import PoolError
 from ..pools import BUILTIN_DOMAINS, DEFAULT_FRACTION, DEFAULT_METHOD, Catalog, compose, pool_sizes, resolve_pools
 from ..pools.catalog import _looks_like_file, builtin_entry_name
-from ..spec import EmoSpec
+from ..model.spec import EmoSpec
 
 
 def expert_scores(pools) -> list[dict[int, float] | None]:

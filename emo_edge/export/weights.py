@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint import CheckpointView
-from ..names import TensorKey
+from ..model.checkpoint import CheckpointView
+from ..model.names import TensorKey
 from exporters.onnx import LayerWeights
 
 

@@ -31,14 +31,14 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from ..checkpoint import CheckpointView
+from ..model.checkpoint import CheckpointView
 from ..errors import EmoEdgeError, PoolError
 from ..fsutil import atomic_write
-from ..hfconfig import MAX_LAYERS
-from ..models import hf_cache_entry
-from ..poolfile import PoolFile, parse_pool, pool_json
+from ..model.hfconfig import MAX_LAYERS
+from ..model.locate import hf_cache_entry
+from .file import PoolFile, parse_pool, pool_json
 from ..schema import Count, Finite, Int, Schema, Sha256, Str, confined, load_json, validate
-from ..spec import EmoSpec
+from ..model.spec import EmoSpec
 
 FORMAT, VERSION = "emo-edge-pool", 1
 SHIPPED_DIR = "emo_edge_pools"
@@ -239,14 +239,14 @@ def discover_pool(view: CheckpointView, name: str, calib_files: Sequence[str | P
                   max_tokens: int | None = None, max_docs: int | None = None, progress=None, log=None) -> Pool:
     """Discover a pool from calibration files (not stored; see `Catalog.put`). `log(line)` is told
     "discovering pool 'NAME' (N documents, T tokens)" once the calibration is read."""
-    from ..tokenizer import load_tokenizer
+    from ..model.tokenizer import load_tokenizer
     from .calib import load_calibration
 
     check_name(name)
     limit = max_tokens or min(1024, view.spec.max_position_embeddings or 1024)
     # read first: bad calibration input fails fast, before torch is imported (read once: it may be a pipe)
     cal = load_calibration(list(calib_files), load_tokenizer(view.root), max_tokens=limit, max_docs=max_docs)
-    from ..reference import Reference
+    from ..model.reference import Reference
     from .discover import discover, pool_sizes
 
     sizes = pool_sizes(view.spec, experts, fraction)  # validate sizes before the model is touched

@@ -33,8 +33,8 @@ import torch
 
 from ..errors import PoolError
 from ..progress import Shares
-from ..reference import Reference, pool_mask, rms_norm, route
-from ..spec import LayerSpec
+from ..model.reference import Reference, pool_mask, rms_norm, route
+from ..model.spec import LayerSpec
 
 from .sizes import METHODS, pool_sizes  # noqa: F401  (re-exported: torch-free home)
 STAT_DIGITS = 6

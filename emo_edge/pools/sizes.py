@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import PoolError
-from ..spec import EmoSpec
+from ..model.spec import EmoSpec
 
 METHODS = ("mass", "layerwise", "easy-ep")
 

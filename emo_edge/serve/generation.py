@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from ..tokenizer import CHAT, TextStream
+from ..model.tokenizer import CHAT, TextStream
 from ..engine import Engine, Sampling
 from .openai_schema import ApiError, ChatRequest, Common
 from .scheduler import Job

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointView
-from ..hfconfig import emo_config
-from ..names import expected_tensors
-from ..spec import spec_from_config
-from ..tokenizer import tokenizer_files
-from ..writer import write_checkpoint
+from ..model.checkpoint import CheckpointView
+from ..model.hfconfig import emo_config
+from ..model.names import expected_tensors
+from ..model.spec import spec_from_config
+from ..model.tokenizer import tokenizer_files
+from ..model.writer import write_checkpoint
 from . import data as D
 from .config import MODEL_NAMES, TrainConfig
 from .model import ModelConfig, TinyEmo, hf_state, load_hf_state

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference import rms_norm, rotate_half  # the same numerics as the reference the checkpoints are checked by
+from ..model.reference import rms_norm, rotate_half  # the same numerics as the reference the checkpoints are checked by
 
 
 @dataclass

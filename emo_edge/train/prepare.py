@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tokenizer import train_bpe
+from ..model.tokenizer import train_bpe
 from . import data as D
 from .config import TrainConfig
 

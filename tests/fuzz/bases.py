@@ -47,7 +47,7 @@ def _cli(*args: str, env: dict | None = None) -> None:
 
 def _pools(ck: Path, dest: Path) -> tuple[Path, Path]:
     """Two pool files of ck: every routed expert, and the first half of them."""
-    from emo_edge.spec import load_spec
+    from emo_edge.model.spec import load_spec
 
     spec = load_spec(ck)
     full, half = [], []
@@ -62,7 +62,7 @@ def _pools(ck: Path, dest: Path) -> tuple[Path, Path]:
 
 
 def _catalog_entry(ck: Path, dest: Path) -> None:
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.pools.catalog import Pool
 
     view = CheckpointView(ck)

@@ -93,7 +93,7 @@ def _touch(arr) -> None:
 
 
 def load_checkpoint(inp: Path, env) -> None:
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
 
     view = CheckpointView(inp)
     try:
@@ -106,26 +106,26 @@ def load_checkpoint(inp: Path, env) -> None:
 
 
 def load_header(inp: Path, env) -> None:
-    from emo_edge.checkpoint import read_header
+    from emo_edge.model.checkpoint import read_header
 
     read_header(inp / "model.safetensors")
 
 
 def load_config(inp: Path, env) -> None:
-    from emo_edge.spec import load_spec
+    from emo_edge.model.spec import load_spec
 
     load_spec(inp).param_counts()
     load_checkpoint(inp, env)
 
 
 def _base_view(env):
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
 
     return env.untracked("view", lambda: CheckpointView(env.base / "ck"))
 
 
 def load_pool_file(inp: Path, env) -> None:
-    from emo_edge.poolfile import read_pool_file
+    from emo_edge.pools.file import read_pool_file
     from emo_edge.pools.catalog import load_pool_path
 
     view = _base_view(env)
@@ -146,7 +146,7 @@ def load_catalog(inp: Path, env) -> None:
 
 def load_calibration(inp: Path, env) -> None:
     from emo_edge.pools.calib import load_calibration as load
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.tokenizer import TextTokenizer
 
     tok = env.untracked("tok", lambda: TextTokenizer(env.base / "ck" / "tokenizer.json"))
     for name in ("calib.jsonl", "calib.txt"):
@@ -165,9 +165,9 @@ def load_target_file(inp: Path, env) -> None:
 
 
 def load_embedded(inp: Path, env) -> None:
-    from emo_edge.checkpoint import CheckpointView
+    from emo_edge.model.checkpoint import CheckpointView
     from emo_edge.pools.catalog import Catalog
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.tokenizer import TextTokenizer
 
     view = CheckpointView(inp)
     try:
@@ -182,7 +182,7 @@ def load_embedded(inp: Path, env) -> None:
 
 
 def load_tokenizer_file(inp: Path, env) -> None:
-    from emo_edge.tokenizer import TextTokenizer
+    from emo_edge.model.tokenizer import TextTokenizer
 
     tok = TextTokenizer(inp / "tokenizer.json")
     for text in ("Solve for x: 3x + 5 = 20.", ">>> def f(n):\n...     return n * n\n", "a" * 2000, "\u00e9\U0001f600 12"):

@@ -233,8 +233,8 @@ def setup(work: Path) -> None:
     sys.addaudithook(AUDIT.hook)
     _wrap_onnxruntime()
     # import what the loaders import lazily, so that the first case does not count the imports' opens
-    import emo_edge.bundle, emo_edge.checkpoint, emo_edge.pools.catalog, emo_edge.pools.calib  # noqa: E401,F401
-    import emo_edge.engine, emo_edge.engine.swappable.mapped, emo_edge.spec, emo_edge.tokenizer, onnx, targets  # noqa
+    import emo_edge.bundle.files, emo_edge.model.checkpoint, emo_edge.pools.catalog, emo_edge.pools.calib  # noqa: E401,F401
+    import emo_edge.engine, emo_edge.engine.swappable.mapped, emo_edge.model.spec, emo_edge.model.tokenizer, onnx, targets  # noqa
     import tokenizers  # noqa: F401
     _first_session()
 

@@ -52,7 +52,7 @@ from .prepared import PreparedStore
 from .rebuild import RebuildSwap
 from .rwlock import RWLock
 from .serving import Serving
-from ...ort_session import cpu_session
+from ..ort_session import cpu_session
 
 __all__ = ["MoELayer", "SwapStats", "SwappableEngine", "is_swappable"]
 
@@ -72,8 +72,8 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
                  cache_experts: bool = True, mechanism: str | None = None, progress: Callable | None = None):
         import onnxruntime as ort
 
-        from ...bundle import check_files, read_manifest
-        from ...bundle_schema import check_swappable, read_model_dims
+        from ...bundle.files import check_files, read_manifest
+        from ...bundle.schema import check_swappable, read_model_dims
         from ...units import parse_size
 
         self.root = Path(root)
@@ -152,7 +152,7 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
 
     def _open_segments(self, cfg: dict) -> list:
         """One session per backbone segment, checked against the manifest's dataflow and decoder dims."""
-        from ...bundle_schema import MANIFEST as _M, check_dataflow, check_decoder_inputs
+        from ...bundle.schema import MANIFEST as _M, check_dataflow, check_decoder_inputs
 
         sw = self.sw
         segments = []
@@ -175,7 +175,7 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
         """Per MoE layer: its router (resident), its template (checked) and its expert shard, opened."""
         import onnx
 
-        from ...bundle_schema import MANIFEST as _M, check_template
+        from ...bundle.schema import MANIFEST as _M, check_template
 
         sw = self.sw
         where = f"{self.root / _M}: field 'swappable"
@@ -216,7 +216,7 @@ class SwappableEngine(PreparedStore, MappedSwap, RebuildSwap, Budget, Chooser, S
             if pool in self.pools:
                 layers, name = self.pools[pool], pool
             elif Path(pool).is_file():
-                from ...poolfile import PoolFile  # the one pool-file schema (bounded)
+                from ...pools.file import PoolFile  # the one pool-file schema (bounded)
                 from ...schema import load_json, validate
 
                 layers = validate(load_json(pool, PoolError), PoolFile, pool, PoolError).layers

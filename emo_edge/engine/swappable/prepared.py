@@ -17,7 +17,7 @@ from ...errors import BudgetError, BundleError, EmoEdgeError
 from .layers import MoELayer, _NoStore, _StaleStore, _StaleStoreError
 from .mapped import PAGE, PREPARED_VERSION, cpu_signature, union_block
 from ..memory import _mb, _trim, peak_rss, rss_now as rss
-from ...ort_session import cpu_session
+from ..ort_session import cpu_session
 
 
 class PreparedStore:
@@ -94,7 +94,7 @@ class PreparedStore:
     def _read_prepared(self, store: Path) -> dict:
         """prepared.json, validated against this bundle: anything wrong with it (our own file) means the store
         must be prepared again (_StaleStore), never a traceback."""
-        from ...bundle_schema import Prepared
+        from ...bundle.schema import Prepared
         from ...schema import confined, load_json, validate
         from . import mapped as mp
 

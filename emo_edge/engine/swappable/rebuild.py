@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import BudgetError, BundleError, EmoEdgeError
 from .layers import MoELayer, SwapStats
 from ..memory import MB, _mb, _trim, rss_now as rss
-from ...ort_session import cpu_session
+from ..ort_session import cpu_session
 
 
 class RebuildSwap:

@@ -23,7 +23,7 @@ and a float32 block sum instead of the file's scale).
 KV cache: 2 * layers * kv_heads * head_dim * context * (4 for float32, 2 for float16, 1 for int8) (+ int8's
 per-channel fp32 scales, 2 * layers * kv_heads * head_dim * 4, counted with the weights as "kv_scales"). All-fp32
 plans keep a float32 cache (they are verified exact against the reference); every other plan uses the target's
-kv_cache_dtype, or another of its kv_cache_dtypes where the planner's search prefers it (see emo_edge/plan.py).
+kv_cache_dtype, or another of its kv_cache_dtypes where the planner's search prefers it (see emo_edge/plan/search.py).
 
 Decode-speed estimate (`decode_estimate`): seconds per token = layers * speed.layer_s (fixed cost of a layer's
 kernels, what a model that sits in the cache pays) + for each kernel class (fp32 MatMul/Gemm/attention, int8 and
@@ -42,8 +42,8 @@ from typing import Mapping, Sequence
 
 from targets import KV_BYTES  # bytes per KV element, by dtype: the targets' own table
 
-from .errors import EmoEdgeError
-from .spec import EmoSpec
+from ..errors import EmoEdgeError
+from ..model.spec import EmoSpec
 
 COMPONENTS = ("attention", "experts", "embedding", "lm_head")
 BITS = {"int8": 8, "int4": 4}
@@ -184,7 +184,7 @@ def prepacked_extra(spec: EmoSpec, experts: Sequence[Sequence[int] | None], impl
                     precision: Mapping[str, str], layouts: Mapping[str, dict], target) -> int:
     """Resident bytes beyond the file of the MatMulNBits / QMoE weights (attention, experts, lm_head) once
     onnxruntime has prepacked them at accuracy_level 4 (int8 activations): MLAS keeps the codes plus a float32
-    scale and a float32 block sum per block, and the originals' pages are released (emo_edge/ort_session.py).
+    scale and a float32 block sum per block, and the originals' pages are released (emo_edge/engine/ort_session.py).
     Per block: PACKED_BLOCK_BYTES - the file's scale (and zero point) bytes; measured by bench/residency.py
     stages (block 64, fp32 scales: 5.0 bits per weight resident against 4.5 in the file; float16 QMoE scales are
     kept as float32). The embedding's GatherBlockQuantized reads the mapped file as is (no extra)."""

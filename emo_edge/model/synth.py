@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmoEdgeError
+from ..errors import EmoEdgeError
 from .hfconfig import emo_config
 from .names import TensorKey, expected_tensors
 from .spec import EmoSpec, spec_from_config

@@ -74,7 +74,7 @@ def release_external_data(graph: Path) -> int:
     heap. Only mappings without copy-on-write pages are touched (onnxruntime maps private and writable, but never
     writes), so nothing but residency changes; the mappings themselves stay. Returns the bytes that were resident in them. Linux only; elsewhere a no-op."""
     try:
-        from .bundle_schema import onnx_external_files
+        from ..bundle.schema import onnx_external_files
 
         graph = Path(graph).resolve()
         files = {str((graph.parent / loc).resolve()) for loc in onnx_external_files(graph) if loc}

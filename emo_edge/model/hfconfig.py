@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from .schema import Count, Finite, Int, Positive, Schema, Str
+from ..schema import Count, Finite, Int, Positive, Schema, Str
 
 UPSTREAM_AUTO_MAP = {
     "AutoConfig": "configuration_emo.EmoConfig",

@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from .errors import EmoEdgeError
-from .schema import confined
+from ..errors import EmoEdgeError
+from ..schema import confined
 
-EMBEDDED = Path(__file__).parent / "models" / "emo-tiny"
+EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "emo-tiny"
 HUB_REPO = "allenai/Emo_1b14b_1T"
 
 
@@ -74,7 +74,7 @@ def resolve_model(path: str | None, notice: bool = True) -> Path:
         raise EmoEdgeError(f"no model given, EMO_EDGE_MODEL unset, no cached {HUB_REPO}, and the embedded "
                            f"default is missing at {EMBEDDED}")
     if notice:  # on stderr, unless --quiet / TQDM_DISABLE
-        from .progress import note
+        from ..progress import note
 
         note(f"note: no model given; using the embedded default {EMBEDDED.name} "
              f"(set --model or EMO_EDGE_MODEL to use another)")

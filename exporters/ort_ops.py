@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from .quant import QMoEWeights, QuantizedTensor, QuantScheme, gather_block_quantized_attrs, matmulnbits_attrs
+from emo_edge.quant import QMoEWeights, QuantizedTensor, QuantScheme, gather_block_quantized_attrs, matmulnbits_attrs
 
 MS = "com.microsoft"
 # Selection score given to experts that must always be chosen (shared / always-active). Only the order of
@@ -63,7 +63,7 @@ def emo_routing(prefix: str, logits: str, mode: str, n_experts: int, forced: tup
                 n_shared: int = 1) -> tuple[list[NodeProto], list[TensorProto], str, str]:
     """Turn router logits [T, E] (2-D, all E experts of the bundle) into QMoE's (router_probs, router_weights).
 
-    mode "shared" (EMO: the LAST n_shared experts are shared; emo_edge.reference.route):
+    mode "shared" (EMO: the LAST n_shared experts are shared; emo_edge.model.reference.route):
         logits --Split[E-s, s]--> routed --Softmax--------------+--Concat--> weights [T, E]
                                   shared --Softmax--------------+            (s=1: shared weight exactly 1)
                                   routed -----------------------+--Concat--> scores  [T, E]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .errors import EmoEdgeError
-from .plan_bytes import BITS
-from .units import fmt_bytes
+from ..errors import EmoEdgeError
+from .sizing import BITS
+from ..units import fmt_bytes
 
 
 def _layout_text(plan, component: str) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import rope
 from .checkpoint import CheckpointView
-from .errors import PoolError
+from ..errors import PoolError
 from .names import TensorKey
 from .spec import EmoSpec, LayerSpec
 

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Optional
 
 from pydantic import Field
 
-from .errors import PoolError
-from .hfconfig import MAX_EXPERTS, MAX_LAYERS
-from .schema import Count, Schema, load_json, validate
-from .spec import EmoSpec
+from ..errors import PoolError
+from ..model.hfconfig import MAX_EXPERTS, MAX_LAYERS
+from ..schema import Count, Schema, load_json, validate
+from ..model.spec import EmoSpec
 
 LayerIds = Optional[Annotated[list[Count], Field(max_length=MAX_EXPERTS)]]
 

@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import EmoEdgeError
-from .fsutil import atomic_dir, is_checkpoint, os_reason
+from ..errors import EmoEdgeError
+from ..fsutil import atomic_dir, is_checkpoint, os_reason
 from .checkpoint import INDEX_FILE, SINGLE_FILE
 
 STORE = {"bf16": ("BF16", 2), "fp32": ("F32", 4), "fp16": ("F16", 2)}
@@ -98,8 +98,8 @@ def write_checkpoint(
 def _write_files(tmp: Path, config: dict, shapes: dict[str, tuple[int, ...]], produce, dtype: str,
                  shard_size: int | None, extra_files: dict[str, bytes], progress) -> None:
     """The checkpoint's files, into the (empty) directory `tmp`, with the marker that says emo-edge wrote it."""
-    from . import __version__
-    from .fsutil import CHECKPOINT_MARKER
+    from .. import __version__
+    from ..fsutil import CHECKPOINT_MARKER
 
     (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"written_by": "emo-edge", "emo_edge_version": __version__}) + "\n")
     shards = plan_shards(shapes, dtype, shard_size)

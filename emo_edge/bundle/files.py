@@ -7,14 +7,14 @@ import hashlib
 from pathlib import Path
 
 
-from .errors import BundleError
+from ..errors import BundleError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    from .schema import open_regular
+    from ..schema import open_regular
 
     h = hashlib.sha256()
     with open_regular(path, BundleError) as f:
@@ -29,8 +29,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def read_manifest(root: Path) -> dict:
     """manifest.json, bounded and validated against `bundle_schema.Manifest` (a plain dict for the loaders);
     a manifest that is a symlink out of the bundle is refused."""
-    from .bundle_schema import read_manifest as read
-    from .schema import confined
+    from .schema import read_manifest as read
+    from ..schema import confined
 
     root = Path(root)
     if (root / MANIFEST).is_symlink():
@@ -41,7 +41,7 @@ def read_manifest(root: Path) -> dict:
 def check_files(root: Path, manifest: dict, skip: set | frozenset = frozenset()) -> None:
     """Every file listed in the manifest is a plain name inside the bundle (symlinks resolved), exists, and has
     its size and sha256 (`skip`: names checked otherwise, e.g. expert shards hashed per record)."""
-    from .schema import confined
+    from ..schema import confined
 
     for name, entry in sorted(manifest["files"].items()):
         p = confined(root, name, f"{root / MANIFEST}: field 'files.{name}'", BundleError)
@@ -55,8 +55,8 @@ def check_files(root: Path, manifest: dict, skip: set | frozenset = frozenset())
 
 def pool_matches(manifest: dict, pool_file: str | Path) -> None:
     """A --pool given with a bundle must name exactly the bundle's routed experts (the bundle cannot change them)."""
-    from .poolfile import PoolFile  # the one pool-file schema (bounded)
-    from .schema import load_json, validate
+    from ..pools.file import PoolFile  # the one pool-file schema (bounded)
+    from ..schema import load_json, validate
 
     data = load_json(pool_file, BundleError, "pool file not found")
     layers = validate(data, PoolFile, str(pool_file), BundleError).layers

@@ -23,8 +23,8 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from .errors import BundleError
-from .schema import Count, Int, Positive, Schema, Sha256, Str, confined, validate
+from ..errors import BundleError
+from ..schema import Count, Int, Positive, Schema, Sha256, Str, confined, validate
 
 MANIFEST = "manifest.json"
 
@@ -230,7 +230,7 @@ def check_graph_files(root: Path, manifest: dict, graph: Path) -> None:
 
 def read_manifest(root: Path) -> dict:
     """manifest.json, parsed (bounded) and validated; returned as the plain dict the loaders index."""
-    from .schema import load_json
+    from ..schema import load_json
 
     path = root / MANIFEST
     data = load_json(path, BundleError, f"missing: {root} is not a bundle")
@@ -249,7 +249,7 @@ def read_model_dims(root: Path, manifest: dict, need_filename: bool) -> dict:
     sw = manifest.get("swappable") or {}
     if sw.get("model") is not None and not need_filename:
         return sw["model"]
-    from .schema import load_json
+    from ..schema import load_json
 
     name = "genai_config.json"
     path = bundle_file(root, manifest, name, f"{root / MANIFEST}: the decoder config") if manifest else root / name

@@ -3,7 +3,7 @@
 An `ExportPlan` is pure data (frozen, JSON round-trippable) that the exporter follows and the bundle stores as
 `plan.json`. `make_plan` is a pure function of the model's shape, the pool union, the budget, the context and
 the target; nothing is read from disk. The arithmetic (bytes per component, KV cache, decode-speed estimate) is
-in `emo_edge/plan_bytes.py`; its docstring states every rule.
+in `emo_edge/plan/sizing.py`; its docstring states every rule.
 
 The budget covers resident weights + KV cache (float32 for all-fp32 plans, else float16 or int8: see below)
 + runtime overhead (`target.overhead_bytes`, a formula fitted to measurements; see targets/cpu.json).
@@ -37,14 +37,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import BudgetError, BundleError, EmoEdgeError
-from .plan_bytes import (  # noqa: F401  (matrix_bytes, kv_cache_bytes: part of this module's API)
+from ..errors import BudgetError, BundleError, EmoEdgeError
+from .sizing import (  # noqa: F401  (matrix_bytes, kv_cache_bytes: part of this module's API)
     BITS, COMPONENTS, component_bytes, decode_bytes, decode_estimate, effective_layouts, kv_cache_bytes, kv_dtypes,
     matrix_bytes, prepacked_extra, quantizable, resident_bytes, rope_bytes, rope_dtype,
 )
-from .plan_format import format_plan  # noqa: F401  (part of this module's API)
-from .spec import EmoSpec, check_context
-from .units import fmt_bytes
+from .table import format_plan  # noqa: F401  (part of this module's API)
+from ..model.spec import EmoSpec, check_context
+from ..units import fmt_bytes
 
 PLAN_VERSION = 2
 OPTIMIZE = ("balanced", "quality", "speed")
@@ -67,7 +67,7 @@ class ExportPlan:
     context: int
     budget: int | None
     bytes: dict  # file bytes per component, weights, weights_resident, kv_cache, overhead, total
-    speed: dict  # the decode estimate: tok_s, bytes_per_token, context_tokens (emo_edge/plan_bytes.py)
+    speed: dict  # the decode estimate: tok_s, bytes_per_token, context_tokens (emo_edge/plan/sizing.py)
     optimize: str  # balanced | quality | speed: how `auto` chose among fitting plans
     trimmed: list = field(default_factory=list)  # [{"layer", "expert", "score", "reason"}]
     notes: list = field(default_factory=list)
@@ -85,7 +85,7 @@ class ExportPlan:
         p = self.precision[component]
         if p not in BITS:
             return None
-        from .quant import QuantScheme
+        from ..quant import QuantScheme
         lay = self.layouts[component]
         return QuantScheme(bits=BITS[p], block_size=lay["block_size"], symmetric=lay["symmetric"],
                            scale_dtype=scale_dtype or lay["scale_dtype"], rounding=lay.get("rounding", "absmax"))

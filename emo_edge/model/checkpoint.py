@@ -30,10 +30,10 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from .errors import CheckpointError, ConfigError
-from .models import checkpoint_file
+from ..errors import CheckpointError, ConfigError
+from .locate import checkpoint_file
 from .names import TensorKey, expected_tensors
-from .schema import MAX_JSON_BYTES, Count, Schema, Str, load_json, parse_json, validate
+from ..schema import MAX_JSON_BYTES, Count, Schema, Str, load_json, parse_json, validate
 from .spec import EmoSpec, spec_from_config
 
 # safetensors dtype -> (numpy storage dtype, bytes per element). bf16 is kept as raw uint16 until converted.
@@ -72,7 +72,7 @@ class _ShardIndex(Schema):
 def _open_regular(path: Path):
     """`path` opened for reading, refused unless it is a regular file (a FIFO or device would block or never
     end); returns (file, size)."""
-    from .schema import open_regular
+    from ..schema import open_regular
 
     f = open_regular(path, CheckpointError, "missing")
     return f, os.fstat(f.fileno()).st_size

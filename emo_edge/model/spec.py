@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .hfconfig import ConfigFile, RopeScalingFile
-from .schema import load_json, validate
+from ..schema import load_json, validate
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 MAX_CONTEXT = 1 << 20  # tokens: a hard cap on any export context (RoPE tables and KV cache are sized by it)
@@ -318,7 +318,7 @@ def check_context(spec: EmoSpec, context: Any) -> int:
 
 def load_spec(checkpoint_dir: str | Path) -> EmoSpec:
     """The spec of a checkpoint directory's config.json (refused if it leads outside, see models.checkpoint_file)."""
-    from .models import checkpoint_file
+    from .locate import checkpoint_file
 
     path = checkpoint_file(checkpoint_dir, "config.json", ConfigError)
     data = load_json(path, ConfigError, "not found (is this an EMO checkpoint directory?)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import EmoEdgeError
+from ..errors import EmoEdgeError
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 SPECIALS = (EOS, PAD)
@@ -142,7 +142,7 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(path)
-        from .schema import parse_json, read_bounded
+        from ..schema import parse_json, read_bounded
 
         raw = read_bounded(self.path, EmoEdgeError, "not found", MAX_TOKENIZER_BYTES,
                            limit_note=f"; a tokenizer.json is at most {MAX_TOKENIZER_BYTES >> 20} MiB")
@@ -260,7 +260,7 @@ class TextStream:
 
 def load_tokenizer(checkpoint_dir: str | Path) -> TextTokenizer:
     """The checkpoint's tokenizer.json (refused if it leads outside the checkpoint, see models.checkpoint_file)."""
-    from .models import checkpoint_file
+    from .locate import checkpoint_file
 
     path = checkpoint_file(checkpoint_dir, "tokenizer.json")
     if not path.is_file():
