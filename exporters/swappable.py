@@ -372,6 +372,39 @@ def make_swappable(static_dir: Path, dst: Path, pools: dict[str, list], progress
 # ---------------------------------------------------------------------------------------------------------
 # the export entry point (hook for `emo-edge export --swappable`)
 # ---------------------------------------------------------------------------------------------------------
+PROFILE_DOCS, PROFILE_TOKENS = 8, 64  # calibration documents per pool, tokens of each, for its router profile
+
+
+def pool_profiles(bundle: Path, pools) -> dict[str, list[list[float]]] | None:
+    """Per pool, its calibration text's router profile as the bundle's chooser probes it (engine/swappable/
+    chooser.py `closest_profile`), from the first PROFILE_DOCS documents (PROFILE_TOKENS tokens each) of the files
+    the pool was discovered from. The text must be at hand and unchanged: the built-in calibration files, matched
+    by name and sha256 (a pool's provenance names its files, never a path to follow). None unless every pool has
+    one (the chooser compares pools on one footing)."""
+    import hashlib
+
+    from emo_edge.engine.swappable import SwappableEngine
+    from emo_edge.pools.calib import read_documents
+    from emo_edge.pools.catalog import BUILTIN_CALIB
+
+    texts = {}
+    for p in pools:
+        files = (p.calibration or {}).get("files") or []
+        docs = []
+        for f in files:
+            path = BUILTIN_CALIB / str(f.get("name", ""))
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != f.get("sha256"):
+                return None
+            docs += read_documents(path)[0]
+        if not docs:
+            return None
+        texts[p.name] = docs[:PROFILE_DOCS]
+    with SwappableEngine(bundle, mechanism="rebuild", check_backbone=False) as eng:
+        return {name: [[round(float(x), 6) for x in v] for v in
+                       eng.router_profile([eng.encode(t)[:PROFILE_TOKENS] for t in docs])]
+                for name, docs in texts.items()}
+
+
 def export_swappable(model: Path, pools: str, budget: str | None, context: int, target: str, precision: str,
                      out: Path | None, force: bool, verify: bool, progress: bool = True, n_verify: int = 4,
                      optimize: str = "balanced") -> dict:
@@ -420,6 +453,10 @@ def export_swappable(model: Path, pools: str, budget: str | None, context: int, 
             body["budget"] = budget
             body["swappable"] = section
             bundle_writer.write_manifest(tmp, body)
+            profiles = pool_profiles(tmp, resolved)
+            if profiles is not None:  # the chooser's reference points, probed on the bundle itself
+                section["profiles"] = profiles
+                bundle_writer.write_manifest(tmp, body)
     union = [len(m["experts"]) for m in section["moe"]]
     report["swappable"] = {"out": str(out), "union_experts_per_layer": union,
                            "pools": {k: [None if v is None else len(v) for v in layers] for k, layers in catalog.items()},

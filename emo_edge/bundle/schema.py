@@ -130,6 +130,9 @@ class Swappable(Schema):
     moe: Annotated[list[MoEBlock], Field(min_length=1)]
     pools: dict[Str, list[Optional[list[Count]]]]
     model: Optional[ModelDims] = None  # the decoder dims (newer bundles); older ones have genai_config.json
+    # per pool, per MoE block: the mean router probability over the union's experts of the pool's calibration
+    # text, as the engine's chooser probes it (engine/swappable/chooser.py); absent when a pool's text was not at hand
+    profiles: Optional[dict[Str, list[list[Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]]]]] = None
 
 
 class PoolRecord(Schema):
