@@ -8,7 +8,7 @@ in a watchdogged worker process under an audit hook.
 
 The mutators (tests/fuzz/mutate.py) are driven by a seeded random.Random per case by default (--engine random:
 measured here ~90 cases/s on the cheap targets against ~25 under hypothesis, whose bookkeeping costs ~1 ms per
-draw); --engine hypothesis runs the same mutators under hypothesis, as the short run in tests/test_fuzz.py does.
+draw); --engine hypothesis runs the same mutators under hypothesis, as the short run in tests/security/test_fuzz.py does.
 
 Iterations are split over the targets by their weight (tests/fuzz/targets.py): cheap in-process parsers get
 most of them, the end-to-end loaders (onnxruntime sessions, a prepared store per mutated manifest) fewer; every

@@ -8,7 +8,7 @@ and a 64-token prefill, and prints one table plus the conclusion. Not a test; ~2
     python bench/moe_ops.py [--quick]
 
 Expert weights are random codes / random floats: the kernels' work does not depend on the values (numerical
-equality to EMO's definition is pinned by tests/test_quant.py on the same emitters). Quantized weights use
+equality to EMO's definition is pinned by tests/export/test_quant.py on the same emitters). Quantized weights use
 4 distinct weight sets cycled over the 16 layers (>= 4 x 30 MB touched between reuses, so a 32 MB L3 cannot
 hold them); fp32 weights use one set (one layer alone touches 192 MB).
 """

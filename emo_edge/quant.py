@@ -1,6 +1,6 @@
 """Weight-only block-wise quantization in the exact byte layouts onnxruntime's contrib ops read.
 
-Design note (verified against onnxruntime 1.32's own op schemas and CPU kernels by tests/test_quant.py)
+Design note (verified against onnxruntime 1.32's own op schemas and CPU kernels by tests/export/test_quant.py)
 -------------------------------------------------------------------------------------------------
 Numbers: a weight matrix is W[N, K] (out features x in features, the torch Linear layout). It is cut into
 blocks of `block_size` consecutive elements along K (the last block zero-padded when K % block_size != 0);
@@ -30,7 +30,7 @@ Byte layouts (all uint8; "LSB first" = element 2j in bits 0-3, element 2j+1 in b
       fc2_experts_weights [E, H, I*b/8]   fc2_scales [E, H, I/bs]  fc2_zero_points [E, H, ceil((I/bs)*b/8)]
       i.e. each expert's projection is byte-for-byte the MatMulNBits B of that projection.
 
-EMO semantics with QMoE (see exporters/ort_ops.py and tests/test_quant.py::test_qmoe_emo_routing):
+EMO semantics with QMoE (see exporters/ort_ops.py and tests/export/test_quant.py::test_qmoe_emo_routing):
   activation_type='swiglu', swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, no swiglu_limit
   => G*sigmoid(1*G)*(L+0) = silu(gate)*up exactly. normalize_routing_weights=0, use_sparse_mixer=0.
   router_probs   = selection scores (routed logits; forced experts get +3e4), only their order matters;
@@ -51,7 +51,7 @@ is unused but nothing clips; ORT's own quantizer uses max/-8 (finer step, clips 
 (absmax/7 among them), of either sign, and a least-squares refit, the one of least squared error; codes then
 span [-8, 7], the extremes may clip where that lowers the block's error, and a scale may be negative (it maps the
 positive extreme onto -8, the code range's longer side; onnxruntime's kernels only multiply by the scale, as
-tests/test_quant.py checks). Relative RMS error on N(0,1) weights, int4: absmax/7 0.097 (block 32), 0.108 (64),
+tests/export/test_quant.py checks). Relative RMS error on N(0,1) weights, int4: absmax/7 0.097 (block 32), 0.108 (64),
 0.117 (128); search 0.083, 0.093, 0.102; llama.cpp's Q4_0 rule (signed max / -8) 0.086 (32), 0.103 (128).
 GatherBlockQuantized also takes int4/uint4-typed data (default zero point 0 there); we use uint8 + `bits` so
 the embedding shares the MatMulNBits byte layout.

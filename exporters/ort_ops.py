@@ -2,7 +2,7 @@
 
 Every function returns `(nodes, initializers, output_name)`; node and initializer names are built from the
 caller's `prefix` (e.g. "/model/layers.3/moe"), so the same model always yields the same graph. The
-numbers behind the byte layouts live in emo_edge/quant.py; the semantics are pinned by tests/test_quant.py.
+numbers behind the byte layouts live in emo_edge/quant.py; the semantics are pinned by tests/export/test_quant.py.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class Overhead:
 
 
 # Components whose onnxruntime operator accepts float16 block scales with float32 activations (op schemas of
-# onnxruntime 1.32, checked by tests/test_quant.py): QMoE (scales T2, independent of the input T) for the routed
+# onnxruntime 1.32, checked by tests/export/test_quant.py): QMoE (scales T2, independent of the input T) for the routed
 # experts, GatherBlockQuantized (scales T2 = its output type; the exporter casts the gathered rows to float32) for
 # the embedding. MatMulNBits (attention, lm_head, shared/dense expert MLPs) needs scales of the activation type.
 FP16_SCALE_COMPONENTS = ("experts", "embedding")

@@ -3,7 +3,7 @@
 onnxruntime 1.32's CPU GroupQueryAttention stores an int8 cache natively (k_quant_type / v_quant_type
 "PER_CHANNEL", kv_cache_bit_width 8): code = clip(rint(x / scale[h, d]), -128, 127) for the rotated key (and the
 value) of kv head h, dimension d, with `k_scale` / `v_scale` fp32 [kv_heads * head_dim] inputs (pinned by
-tests/test_quant.py). The scales are constants of the graph, so they are measured here, before the build:
+tests/export/test_quant.py). The scales are constants of the graph, so they are measured here, before the build:
 
     calibration documents (emo_edge/data/calib, CALIB_DOCS per domain, <= CALIB_TOKENS tokens each)
       --reference restricted to the bundle's experts, one sweep through the layers-->

@@ -11,7 +11,7 @@ Outcomes per iteration: "typed" (an EmoEdgeError: the good refusal), "accepted" 
 other exception, or the worker died), "hang" (over the per-iteration time limit). Separately, every path the
 loader opens outside the input directory (and the allowed runtime locations) counts as an outside read.
 
-Short run: tests/test_fuzz.py. Long run: `python bench/fuzz.py --iterations 100000 --out DIR` (its docstring:
+Short run: tests/security/test_fuzz.py. Long run: `python bench/fuzz.py --iterations 100000 --out DIR` (its docstring:
 engines, the strace cross-check, --replay of a saved finding).
 
 Why hypothesis and not atheris (a cp311 wheel of atheris 3.0 is on the package index): the inputs here are structured

@@ -28,7 +28,7 @@ from emo_edge.engine.swappable import SwappableEngine, mapped
 from emo_edge.model.synth import PRESETS, digits_doc, letters_doc, synthesize
 from exporters.swappable import export_swappable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = [5, 17, 99, 3, 250, 7, 8, 9, 300, 41]
 
 

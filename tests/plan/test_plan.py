@@ -82,7 +82,7 @@ def test_fp16_bytes_and_residency():
 
 def test_tied_head_is_its_own_copy():
     """The exporter writes the head's MatMulNBits/Gemm weight beside the embedding's Gather table (onnxruntime
-    cannot share one initializer between them), so a tied head costs its own bytes (tests/test_export.py checks
+    cannot share one initializer between them), so a tied head costs its own bytes (tests/export/test_export.py checks
     the plan's file bytes against a real bundle)."""
     spec = emo14b(layers=1, tie_word_embeddings=True)
     plan = make_plan(spec, None, None, 64, precision="int4")

@@ -18,7 +18,7 @@ from emo_edge.model.reference import Reference
 from emo_edge.model.tokenizer import load_tokenizer
 
 MODELS = EMBEDDED.parent
-DATA = Path(__file__).resolve().parents[1] / "emo_edge" / "data"
+DATA = Path(__file__).resolve().parents[2] / "emo_edge" / "data"
 
 
 @pytest.mark.parametrize("model", ["emo-tiny", "stdmoe-tiny"])

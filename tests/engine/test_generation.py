@@ -25,7 +25,7 @@ from emo_edge.errors import BundleError
 from emo_edge.engine.swappable import SwappableEngine
 from emo_edge.model.tokenizer import EOS, TextStream, TextTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CTX = 128
 
 

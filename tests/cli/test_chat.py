@@ -21,7 +21,7 @@ from emo_edge.commands.chat import COMMANDS, help_text
 from emo_edge.engine.swappable import SwappableEngine
 from emo_edge.model.tokenizer import CHAT, EOS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CTX = 1024  # the bundle's context; most tests run with --max-tokens LIMIT (the runtime's KV reserve)
 LIMIT = "128"
 

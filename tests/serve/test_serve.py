@@ -25,7 +25,7 @@ from emo_edge.engine import Completion, Sampling, SwapStats
 from emo_edge.serve.scheduler import Job, Scheduler, pick
 from emo_edge.model.tokenizer import TextTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "emo_edge" / "models" / "emo-tiny" / "tokenizer.json"
 POOLS = ("math", "code", "prose", "chat")
 STARTUP_S = 240  # a loaded 2-core machine: the server's imports + the bundle's first preparation
@@ -382,8 +382,9 @@ def client(served):
 
 def greedy(rt, ids: list[int], pool: str, n: int) -> list[int]:
     """Independent of the server and of the engine's decode loop and sampler: argmax of each step of a decode
-    session under `pool` (the session equals onnxruntime's copy-based decoder I/O bit for bit: test_engine.py;
-    with an fp16 KV cache a step's logits are not those of a full recompute, so this loop steps too)."""
+    session under `pool` (the session equals onnxruntime's copy-based decoder I/O bit for bit:
+    tests/engine/test_session.py; with an fp16 KV cache a step's logits are not those of a full recompute, so this
+    loop steps too)."""
     with rt.serving(pool):
         s = rt.session(len(ids) + n)
         logits, out = s.prefill(ids), []

@@ -15,7 +15,7 @@ from emo_edge.engine import Sampling, StaticEngine, SwappableEngine, open_engine
 from emo_edge.engine.session import decoder_feed
 from emo_edge.errors import PoolError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = [5, 17, 99, 3, 250, 42, 7]
 
 

@@ -17,7 +17,7 @@ from emo_edge.engine import Sampling, open_engine
 from emo_edge.engine.prefix import MIN_REUSE, PrefixCache, common_prefix
 from emo_edge.model.tokenizer import CHAT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args):

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli
 from test_bundle_security import cli_refuses, copy, edit_manifest, world  # noqa: F401 - the module fixture
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---- 1. a graph in a subdirectory reads data resolved from its own directory --------------------------------
