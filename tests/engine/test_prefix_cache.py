@@ -6,23 +6,19 @@ attention (unshared KV), and a swappable one."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from conftest import run_cli
 
 from emo_edge.engine import Sampling, open_engine
 from emo_edge.engine.prefix import MIN_REUSE, PrefixCache, common_prefix
 from emo_edge.model.tokenizer import CHAT
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "-q", *args], capture_output=True, text=True,
-                          cwd=str(ROOT))
+    return run_cli("-q", *args)
 
 
 @pytest.fixture(scope="module")
