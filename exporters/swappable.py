@@ -377,32 +377,29 @@ PROFILE_DOCS, PROFILE_TOKENS = 8, 64  # calibration documents per pool, tokens o
 
 def pool_profiles(bundle: Path, pools) -> dict[str, list[list[float]]] | None:
     """Per pool, its calibration text's router profile as the bundle's chooser probes it (engine/swappable/
-    chooser.py `closest_profile`), from the first PROFILE_DOCS documents (PROFILE_TOKENS tokens each) of the files
+    chooser.py `closest_profile`), from the first PROFILE_DOCS documents (PROFILE_TOKENS tokens each) of each file
     the pool was discovered from. The text must be at hand and unchanged: the built-in calibration files, matched
     by name and sha256 (a pool's provenance names its files, never a path to follow). None unless every pool has
     one (the chooser compares pools on one footing)."""
-    import hashlib
-
     from emo_edge.engine.swappable import SwappableEngine
-    from emo_edge.pools.calib import read_documents
+    from emo_edge.pools.calib import load_calibration
     from emo_edge.pools.catalog import BUILTIN_CALIB
 
-    texts = {}
+    sources = {}
     for p in pools:
         files = (p.calibration or {}).get("files") or []
-        docs = []
-        for f in files:
-            path = BUILTIN_CALIB / str(f.get("name", ""))
-            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != f.get("sha256"):
-                return None
-            docs += read_documents(path)[0]
-        if not docs:
+        paths = [BUILTIN_CALIB / str(f.get("name", "")) for f in files]
+        if not paths or not all(path.is_file() for path in paths):
             return None
-        texts[p.name] = docs[:PROFILE_DOCS]
+        sources[p.name] = (paths, [f.get("sha256") for f in files])
     with SwappableEngine(bundle, mechanism="rebuild", check_backbone=False) as eng:
-        return {name: [[round(float(x), 6) for x in v] for v in
-                       eng.router_profile([eng.encode(t)[:PROFILE_TOKENS] for t in docs])]
-                for name, docs in texts.items()}
+        out = {}
+        for name, (paths, sha) in sources.items():
+            cal = load_calibration(paths, eng.tokenizer, max_tokens=PROFILE_TOKENS, max_docs=PROFILE_DOCS)
+            if [f.sha256 for f in cal.files] != sha:
+                return None
+            out[name] = [[round(float(x), 6) for x in v] for v in eng.router_profile(cal.docs)]
+        return out
 
 
 def export_swappable(model: Path, pools: str, budget: str | None, context: int, target: str, precision: str,

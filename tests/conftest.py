@@ -11,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# test modules share helpers across the package folders (`from test_serve import Server`); their names are unique,
+# so every folder goes on the path, whichever test runs alone
+sys.path[2:2] = [str(d) for d in sorted(Path(__file__).resolve().parent.iterdir())
+                 if d.is_dir() and not (d / "__init__.py").exists() and any(d.glob("test_*.py"))]
 
 from emo_edge.model.synth import PRESETS, synthesize, with_layers  # noqa: E402
 
@@ -63,6 +67,19 @@ def run_cli(*args: str, env: dict | None = None):
 
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def concat_bundle(tmp_path_factory) -> Path:
+    """An fp32 bundle of a head-size-8 synthetic model: the exporter's Concat attention (GroupQueryAttention
+    needs head_size % 16 == 0), whose KV cache is replaced (not shared) each step."""
+    d = tmp_path_factory.mktemp("concat")
+    r = run_cli("-q", "synth", str(d / "ck8"), "--preset", "tiny", "--head-dim", "8", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("-q", "export", "--model", str(d / "ck8"), "--pools", "all", "--precision", "fp32", "--no-verify",
+                "--out", str(d / "concat"))
+    assert r.returncode == 0, r.stderr
+    return d / "concat"
 
 
 @pytest.fixture(autouse=True, scope="session")

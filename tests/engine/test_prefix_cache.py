@@ -22,7 +22,7 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, concat_bundle):
     d = tmp_path_factory.mktemp("prefix")
     out = {}
     for name, extra in (("fp32", ["--pools", "all", "--precision", "fp32"]),
@@ -30,13 +30,7 @@ def bundles(tmp_path_factory):
         r = cli("export", *extra, "--context", "256", "--no-verify", "--out", str(d / name))
         assert r.returncode == 0, r.stderr
         out[name] = d / name
-    ck = d / "ck8"  # head size 8: Concat attention, whose cache is replaced (not shared) each step
-    r = cli("synth", str(ck), "--preset", "tiny", "--head-dim", "8", "--dtype", "fp32")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", "--model", str(ck), "--pools", "all", "--precision", "fp32", "--no-verify", "--out",
-            str(d / "concat"))
-    assert r.returncode == 0, r.stderr
-    out["concat"] = d / "concat"
+    out["concat"] = concat_bundle  # conftest: Concat attention, whose cache is replaced each step
     return out
 
 

@@ -25,7 +25,7 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, concat_bundle):
     d = tmp_path_factory.mktemp("engine")
     out = {}
     for name, extra in (("fp32", ["--precision", "fp32"]), ("int4", ["--precision", "int4"]),
@@ -34,14 +34,7 @@ def bundles(tmp_path_factory):
         r = cli("export", *pools, *extra, "--context", "64", "--no-verify", "--out", str(d / name))
         assert r.returncode == 0, r.stderr
         out[name] = d / name
-    # head size 8: the exporter's Concat attention (GroupQueryAttention needs head_size % 16 == 0)
-    ck = d / "ck8"
-    r = cli("synth", str(ck), "--preset", "tiny", "--head-dim", "8", "--dtype", "fp32")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", "--model", str(ck), "--pools", "all", "--precision", "fp32", "--no-verify", "--out",
-            str(d / "concat"))
-    assert r.returncode == 0, r.stderr
-    out["concat"] = d / "concat"
+    out["concat"] = concat_bundle
     return out
 
 

@@ -162,6 +162,26 @@ def test_committed_data_sets():
         assert texts and sum(map(len, texts)) < 300_000
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped_then_resumed(cfg, work, out, at: str) -> list[str]:
+    """train_one stopped at the log line containing `at`, then run again with the same work directory into
+    `out`; returns the second run's log lines."""
+    from emo_edge.train.loop import train_one
+
+    def stop(msg):
+        if at in msg:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_one("emo", cfg, work, out, "test", log=stop)
+    seen = []
+    train_one("emo", cfg, work, out, "test", log=seen.append)
+    return seen
+
+
 def test_training_resumes_to_the_same_weights(tmp_path):
     """A run stopped after step 2 and started again finishes with exactly the weights of an uninterrupted run:
     model, optimizer, data order and routing draws all come back from the saved state (safetensors + JSON)."""
@@ -188,17 +208,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
         elif f.name.endswith("-pretrained.json"):
             f.unlink()
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_three(msg):
-        if "step 3/" in msg:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_one("emo", cfg, work, tmp_path / "b", "test", log=stop_at_three)
-    seen = []
-    train_one("emo", cfg, work, tmp_path / "b", "test", log=seen.append)
+    seen = _stopped_then_resumed(cfg, work, tmp_path / "b", "step 3/")
     assert any("resumed" in m and "step 2/4" in m for m in seen), seen
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -225,17 +235,7 @@ def test_anneal_stage_resumes_and_reuses_the_pretrained_checkpoint(tmp_path):
     for f in work.glob("emo-tiny-anneal*"):
         shutil.rmtree(f) if f.is_dir() else f.unlink()
 
-    class Stop(Exception):
-        pass
-
-    def stop_in_anneal(msg):
-        if "step 6/7" in msg:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_one("emo", cfg, work, tmp_path / "b", "test", log=stop_in_anneal)
-    seen = []
-    train_one("emo", cfg, work, tmp_path / "b", "test", log=seen.append)
+    seen = _stopped_then_resumed(cfg, work, tmp_path / "b", "step 6/7")
     assert any("pretraining done" in m for m in seen), seen
     assert any("resumed" in m and "step 5/7" in m for m in seen), seen
     assert not any("[emo-tiny] step" in m for m in seen), "pretraining ran again"
