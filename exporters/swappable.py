@@ -388,8 +388,11 @@ def pool_profiles(bundle: Path, pools) -> dict[str, list[list[float]]] | None:
     sources = {}
     for p in pools:
         files = (p.calibration or {}).get("files") or []
-        paths = [BUILTIN_CALIB / str(f.get("name", "")) for f in files]
-        if not paths or not all(path.is_file() for path in paths):
+        names = [str(f.get("name", "")) for f in files]
+        if not names or any(Path(n).name != n or n in ("", ".", "..") for n in names):
+            return None  # a bare file name of ours, or nothing: never a path out of BUILTIN_CALIB
+        paths = [BUILTIN_CALIB / n for n in names]
+        if not all(path.is_file() for path in paths):
             return None
         sources[p.name] = (paths, [f.get("sha256") for f in files])
     with SwappableEngine(bundle, mechanism="rebuild", check_backbone=False) as eng:

@@ -249,3 +249,16 @@ def test_profiles_that_do_not_fit_the_bundle_are_one_line(bundles, tmp_path):
     with pytest.raises(BundleError, match=f"swappable.profiles.{name}"):
         rt.choose_pool(rt.encode("Solve for x: 3x + 5 = 20."))
     rt.close()
+
+
+def test_pool_profiles_never_follow_a_calibration_name_out_of_the_builtin_folder(tmp_path):
+    """A pool's provenance names its calibration files; a name that is a path (`../..`, `a/b`) or a file that is
+    not ours means no profiles (the chooser falls back to coverage), and nothing outside the folder is read."""
+    from types import SimpleNamespace
+
+    from exporters.swappable import pool_profiles
+
+    (tmp_path / "secret.jsonl").write_text('{"text": "x"}\n')
+    for name in ("../../../../" + str(tmp_path / "secret.jsonl"), "a/b.jsonl", "..", "", "not-ours.jsonl"):
+        pool = SimpleNamespace(name="p", calibration={"files": [{"name": name, "sha256": "0" * 64}]})
+        assert pool_profiles(tmp_path / "no-bundle", [pool]) is None, name
